@@ -1,0 +1,1 @@
+"""Job submission (SLURM, Kubernetes) for ldm-pipeline runs."""

@@ -1,0 +1,41 @@
+"""Shared fixtures: shards written by the tests, the offline tokenizer, Hydra composition."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+@pytest.fixture(scope="session")
+def demo_shards(tmp_path_factory) -> Path:
+    """A small shapes set (64 samples of 32 px in 2 shards)."""
+    from data.shards import write_demo_shards
+
+    out = tmp_path_factory.mktemp("shapes")
+    write_demo_shards(out, num_samples=64, samples_per_shard=32, size=32, seed=1)
+    return out
+
+
+@pytest.fixture
+def compose(tmp_path) -> Callable[..., object]:
+    """Compose `conf/train.yaml` as `ldm-train` would, writing everything under tmp_path."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from train import config
+
+    config.register()
+
+    def _compose(*overrides: str):
+        with initialize_config_dir(CONF_DIR, version_base="1.3"):
+            return hydra_compose("train", overrides=[f"paths.root={tmp_path}", *overrides])
+
+    return _compose

@@ -1,0 +1,66 @@
+"""Config errors fail before any model is built, and name the key and the fix."""
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ValidationError
+
+from train.config_check import ConfigError, check_config
+
+
+def test_every_experiment_composes_and_checks(compose, tmp_path):
+    vae_dir = tmp_path / "runs" / "demo-autoencoder" / "export"
+    vae_dir.mkdir(parents=True)
+    for experiment in ("demo", "demo_autoencoder", "tiny"):
+        cfg = compose(f"experiment={experiment}")
+        check_config(cfg)
+        assert cfg.experiment_name.replace("_", "-") in experiment.replace("_", "-")
+
+
+def test_unknown_key_is_named(compose):
+    with pytest.raises(ConfigCompositionException) as err:
+        compose("experiment=tiny", "trainer.max_stepz=3")
+    assert "max_stepz" in str(err.value.__cause__ or err.value)
+
+
+def test_unknown_constructor_argument_is_named(compose):
+    cfg = compose("experiment=tiny", "+model.unet.bogus_channels=3")
+    with pytest.raises(ConfigError, match=r"model\.unet\.bogus_channels.*takes no argument"):
+        check_config(cfg)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("trainer.max_steps=abc", "trainer.max_steps"),
+        ("model.caption_dropout=high", "model.caption_dropout"),
+        ("data.batch_size=1.5", "data.batch_size"),
+        ("model.unet.block_out_channels=[a,b]", "model.unet.block_out_channels"),
+    ],
+)
+def test_wrong_type_is_named(compose, override, key):
+    cfg = compose("experiment=tiny", override)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        check_config(cfg)
+
+
+def test_wrong_type_of_root_key_fails_at_composition(compose):
+    with pytest.raises(ConfigCompositionException) as err:
+        compose("experiment=tiny", "seed=abc")
+    cause = err.value.__cause__
+    assert isinstance(cause, ValidationError) and "seed" in str(cause)
+
+
+def test_missing_required_value_is_named(compose):
+    cfg = compose("experiment=tiny", "model/unet=pretrained")
+    with pytest.raises(
+        ConfigError, match=r"model\.unet\.pretrained_model_name_or_path is required"
+    ):
+        check_config(cfg)
+
+
+def test_missing_local_model_folder_is_named(compose, tmp_path):
+    cfg = compose("experiment=demo")  # stage 2 before stage 1 wrote the VAE
+    with pytest.raises(
+        ConfigError, match=r"model\.vae\.pretrained_model_name_or_path.*demo_autoencoder"
+    ):
+        check_config(cfg)

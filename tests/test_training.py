@@ -1,0 +1,104 @@
+"""End-to-end on CPU: shards -> training -> checkpoints -> export -> diffusers pipeline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file
+
+from train.export import export_checkpoint, load_checkpoint
+from train.run import run
+
+
+def tiny(compose, shards: Path, *overrides: str):
+    return compose("experiment=tiny", f"data.urls={shards}", "logger=none", *overrides)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, demo_shards):
+    """One tiny run shared by the tests that only read its outputs."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from tests.conftest import CONF_DIR
+    from train import config
+
+    config.register()
+    root = tmp_path_factory.mktemp("run")
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        cfg = hydra_compose(
+            "train",
+            overrides=[f"paths.root={root}", "experiment=tiny", f"data.urls={demo_shards}"],
+        )
+    run(cfg)
+    return Path(cfg.paths.run_dir), cfg
+
+
+def test_run_writes_checkpoints_and_a_loadable_export(trained):
+    run_dir, cfg = trained
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
+    assert "last.ckpt" in ckpts and "step_0000004.ckpt" in ckpts
+    export = run_dir / "export"
+    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        assert (export / part).is_dir(), part
+    assert list((export / "unet").glob("*.safetensors"))
+    assert not list(export.rglob("*.bin")), "exports must be safetensors only"
+
+    pipe = StableDiffusionPipeline.from_pretrained(export, use_safetensors=True)
+    assert type(pipe.text_encoder).__name__ == "BertModel"
+    out = pipe(
+        ["a red circle in the center on a white background"] * 2,
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
+    assert out.shape == (2, cfg.data.resolution, cfg.data.resolution, 3)
+    assert out.min() >= 0.0 and out.max() <= 1.0 and out.std() > 0
+
+
+def test_exported_unet_equals_checkpoint_weights(trained):
+    run_dir, _ = trained
+    state = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")["state_dict"]
+    exported = load_file(next((run_dir / "export" / "unet").glob("*.safetensors")))
+    unet_state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
+    assert unet_state.keys() == exported.keys()
+    for k, v in unet_state.items():
+        assert torch.equal(v, exported[k]), k
+    assert not any(k.startswith(("vae.", "text_encoder.")) for k in state), "frozen parts stay out"
+
+
+def test_ldm_export_cli_reproduces_the_export(trained, tmp_path):
+    run_dir, _ = trained
+    out = export_checkpoint(run_dir / "checkpoints" / "last.ckpt", tmp_path / "again")
+    a = load_file(next((run_dir / "export" / "unet").glob("*.safetensors")))
+    b = load_file(next((out / "unet").glob("*.safetensors")))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_from_last_continues_at_the_saved_step(trained, compose, demo_shards):
+    run_dir, cfg = trained
+    cfg2 = compose(
+        "experiment=tiny",
+        f"paths.root={Path(cfg.paths.root)}",
+        f"data.urls={demo_shards}",
+        "ckpt_path=last",
+        "trainer.max_steps=6",
+    )
+    run(cfg2)
+    ckpt = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == 6
+    assert (run_dir / "checkpoints" / "step_0000006.ckpt").exists()
+
+
+def test_fresh_start_refuses_to_overwrite_an_existing_run(trained, compose, demo_shards):
+    _, cfg = trained
+    from train.config_check import ConfigError
+
+    cfg2 = compose(
+        "experiment=tiny", f"paths.root={Path(cfg.paths.root)}", f"data.urls={demo_shards}"
+    )
+    with pytest.raises(ConfigError, match="ckpt_path=last"):
+        run(cfg2)

@@ -1,0 +1,42 @@
+"""Config plumbing for the entry points: resolvers and the typed schema of the root keys."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+from train.text import minilm_dir
+
+
+@dataclass
+class RunSchema:
+    """Root keys of `conf/train.yaml`; components under them are checked by `config_check`."""
+
+    experiment_name: str = MISSING
+    run_name: str = MISSING
+    seed: int = 0
+    ckpt_path: str | None = None
+    paths: Any = MISSING
+    model: Any = MISSING
+    data: Any = MISSING
+    trainer: Any = MISSING
+    strategy: Any = None
+    logger: Any = field(default_factory=dict)
+    callbacks: Any = field(default_factory=dict)
+    optimized_metric: str | None = None
+
+
+def register() -> None:
+    """Idempotent: resolvers and schema must exist before Hydra composes `train.yaml`."""
+    resolvers = {
+        "minilm_dir": minilm_dir,
+        "abspath": lambda p: os.path.abspath(os.path.expanduser(str(p))),
+    }
+    for name, fn in resolvers.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+    ConfigStore.instance().store(name="run_schema", node=RunSchema)

@@ -1,0 +1,120 @@
+"""The run behind `ldm-train`: validate, build, fit, report. The one place that reads DictConfig."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import Logger, MLFlowLogger
+from omegaconf import DictConfig, OmegaConf
+
+from train.callbacks import ConfigInCheckpoint, ExportOnTrainEnd, SamplePreview
+from train.config_check import ConfigError, check_config
+from train.tracking import describe_run, flatten_for_params, run_tags
+
+log = logging.getLogger(__name__)
+RUN_ID_FILE = "mlflow_run_id"
+
+
+def run(cfg: DictConfig) -> float | None:
+    """Train as configured; returns `cfg.optimized_metric` (for sweeps) when set."""
+    run_dir = Path(cfg.paths.run_dir)
+    check_config(cfg)
+    check_fresh_start(run_dir, cfg.ckpt_path)
+    L.seed_everything(cfg.seed, workers=True)
+
+    datamodule = instantiate(cfg.data)  # cheap, and fails fast on bad shard patterns
+    module = instantiate(cfg.model)
+    check_resolution(datamodule, module)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    loggers = build_loggers(cfg.logger, run_dir, resuming=cfg.ckpt_path is not None)
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
+    callbacks.append(ConfigInCheckpoint(resolved))
+    strategy = instantiate(cfg.strategy) if cfg.strategy is not None else "auto"
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, logger=loggers or False, callbacks=callbacks, strategy=strategy
+    )
+    log_params(loggers, resolved, resuming=cfg.ckpt_path is not None)
+    remember_run_ids(trainer, run_dir)
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+
+    if trainer.is_global_zero:
+        print("\n".join(summary(trainer, run_dir)), flush=True)
+    metric = cfg.get("optimized_metric")
+    if metric and metric in trainer.callback_metrics:
+        return float(trainer.callback_metrics[metric])
+    return None
+
+
+def check_fresh_start(run_dir: Path, ckpt_path: str | None) -> None:
+    """Refuse to start from scratch over an earlier run's checkpoints (they would be replaced)."""
+    ckpts = sorted((run_dir / "checkpoints").glob("*.ckpt"))
+    if ckpt_path is None and ckpts:
+        raise ConfigError(
+            f"{run_dir} already holds checkpoints ({ckpts[-1].name}, ...). Resume that run with "
+            "ckpt_path=last, or start a new one with run_name=<new name>"
+        )
+
+
+def check_resolution(datamodule: Any, module: Any) -> None:
+    want = getattr(module, "resolution", None)
+    have = getattr(datamodule, "resolution", None)
+    if want is not None and have is not None and want != have:
+        raise ConfigError(
+            f"data.resolution={have} but the model generates {want} px images "
+            f"(model.unet.sample_size x VAE downsampling); set data.resolution={want}"
+        )
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path, resuming: bool) -> list[Logger]:
+    """Instantiate loggers; MLflow gets lineage tags and, on resume, the run it logged to before."""
+    loggers = []
+    for node in cfg.values():
+        if node is None:
+            continue
+        extra: dict[str, Any] = {}
+        if node._target_.endswith("MLFlowLogger"):
+            extra["tags"] = {**run_tags(), **(node.get("tags") or {})}
+            id_file = run_dir / RUN_ID_FILE
+            if resuming and id_file.exists():
+                extra["run_id"] = id_file.read_text().strip()
+        loggers.append(instantiate(node, **extra))
+    return loggers
+
+
+def log_params(loggers: list[Logger], resolved: dict, resuming: bool) -> None:
+    """The resolved config as params; a resumed MLflow run keeps the params it started with.
+
+    MLflow params are immutable, and a resume legitimately changes some (`ckpt_path`,
+    `trainer.max_steps`), so on resume the command that resumed it goes into a tag instead.
+    """
+    for logger in loggers:
+        if resuming and isinstance(logger, MLFlowLogger) and logger._run_id:
+            logger.experiment.set_tag(logger.run_id, "resume_command", run_tags()["command"])
+            continue
+        logger.log_hyperparams(flatten_for_params(resolved))
+
+
+def remember_run_ids(trainer: L.Trainer, run_dir: Path) -> None:
+    if not trainer.is_global_zero:
+        return
+    for logger in trainer.loggers:
+        if isinstance(logger, MLFlowLogger):
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / RUN_ID_FILE).write_text(logger.run_id)
+
+
+def summary(trainer: L.Trainer, run_dir: Path) -> list[str]:
+    lines = [f"Run directory: {run_dir}"]
+    for cb in trainer.callbacks:
+        if isinstance(cb, ExportOnTrainEnd) and cb.path:
+            lines.append(f"Export (diffusers layout, safetensors): {cb.path}")
+        if isinstance(cb, SamplePreview) and cb.last_path:
+            lines.append(f"Sample grid: {cb.last_path}")
+    if trainer.checkpoint_callback and trainer.checkpoint_callback.last_model_path:
+        lines.append(f"Last checkpoint: {trainer.checkpoint_callback.last_model_path}")
+    return lines + describe_run(trainer)

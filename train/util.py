@@ -1,0 +1,54 @@
+"""Small helpers shared by the modules: atomic output folders and image grids."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from PIL import Image
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces `out_dir`, on error it is removed.
+
+    A crash mid-write therefore never leaves a half-written export where a good one was.
+    """
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = out.parent / f".{out.name}.old"
+    if out.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def atomic_file(path: str | Path) -> Path:
+    """A temporary sibling path for `path`; callers write there and `os.replace` it."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    return p.parent / f".{p.name}.tmp"
+
+
+def image_grid(images: Sequence[Image.Image], cols: int | None = None) -> Image.Image:
+    """Tile images (all the same size) into one grid image, row-major."""
+    if not images:
+        raise ValueError("image_grid needs at least one image")
+    cols = cols or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, img in enumerate(images):
+        grid.paste(img.convert("RGB"), ((i % cols) * w, (i // cols) * h))
+    return grid
