@@ -1,36 +1,54 @@
-# Two entry points: `make demo` (set up + train the built-in demo) and `make test`.
+# Two entry points: `make demo` (set up, then train the built-in demo) and `make test`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
+OUT ?= outputs
+STAMP := $(shell date +%Y%m%d-%H%M%S)
 # jemalloc makes VAE encoding and sampling several times faster on CPU where it is installed.
-JEMALLOC := $(firstword $(wildcard /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 /usr/lib/aarch64-linux-gnu/libjemalloc.so.2))
-RUN := $(if $(JEMALLOC),LD_PRELOAD=$(JEMALLOC)) HF_HUB_OFFLINE=1
-DEMO_DIR ?= outputs/demo
+JEMALLOC = $(firstword $(wildcard /usr/lib/*-linux-gnu/libjemalloc.so.2))
+RUN = $(if $(JEMALLOC),LD_PRELOAD=$(JEMALLOC)) HF_HUB_OFFLINE=1 LDM_OUTPUT_DIR=$(OUT)
 
 .PHONY: setup demo test lint clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
+	@# Optional speed-up; only where we may install system packages.
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && [ -z "$(JEMALLOC)" ]; then \
+	  (apt-get install -y -qq libjemalloc2 || (apt-get update -qq && apt-get install -y -qq libjemalloc2)) >/dev/null 2>&1 || true; fi
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# Keep whatever torch the venv has (e.g. a user's CUDA build); else CUDA build only with a GPU.
+	@# Keep a torch the venv already has (e.g. your CUDA build); else CUDA build only with a GPU.
+	@# Elsewhere set TORCH_INDEX=https://download.pytorch.org/whl/cpu to get the small CPU wheel.
 	$(PY) -c "import torch" 2>/dev/null || { \
 	  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
 	    $(PY) -m pip install -q "torch==$(TORCH_VERSION)"; \
 	  else \
-	    $(PY) -m pip install -q "torch==$(TORCH_VERSION)" $(if $(TORCH_CPU_INDEX),--index-url $(TORCH_CPU_INDEX)); \
+	    $(PY) -m pip install -q "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)); \
 	  fi; }
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
+# Stage 1 trains the autoencoder, stage 2 the text-conditioned UNet in its latent space; then
+# ldm-eval scores held-out captions with the shapes checker.
 demo: setup
-	$(RUN) bash scripts/demo.sh $(DEMO_DIR) $(PY)
+	$(RUN) $(BIN)/ldm-data demo $(OUT)/data/shapes
+	$(RUN) $(BIN)/ldm-train experiment=demo_autoencoder run_name=demo-autoencoder-$(STAMP)
+	$(RUN) $(BIN)/ldm-train experiment=demo run_name=demo-$(STAMP) \
+	  model.vae.pretrained_model_name_or_path=$(abspath $(OUT))/runs/demo-autoencoder-$(STAMP)/export
+	$(RUN) $(BIN)/ldm-eval $(OUT)/runs/demo-$(STAMP)/export \
+	  --grid $(OUT)/runs/demo-$(STAMP)/heldout_grid.png --json $(OUT)/runs/demo-$(STAMP)/heldout_scores.json
+	@echo
+	@echo "Export:        $(OUT)/runs/demo-$(STAMP)/export  (ldm-sample / diffusers load it as is)"
+	@echo "Sample grid:   $(OUT)/runs/demo-$(STAMP)/samples/final.png"
+	@echo "Held-out grid: $(OUT)/runs/demo-$(STAMP)/heldout_grid.png"
+	@echo "MLflow:        $(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath $(OUT))/mlflow.db"
 
 test: setup
-	$(RUN) $(VENV)/bin/pytest -q $(PYTEST_ARGS)
+	$(RUN) $(BIN)/pytest -q $(PYTEST_ARGS)
 
 lint: setup
-	$(VENV)/bin/ruff check train data jobs tests
+	$(BIN)/ruff check train data jobs tests
 
 clean:
-	rm -rf outputs mlruns mlflow.db .pytest_cache
+	rm -rf $(OUT) .pytest_cache

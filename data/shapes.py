@@ -17,13 +17,15 @@ from PIL import Image, ImageDraw
 
 # Saturated and far apart in RGB (> ~90 from each other, > ~110 from every background) so that a
 # nearest-palette lookup survives JPEG, antialiasing and a blurry 32 px sample.
+# Six hues at least ~150 apart in RGB: a first red/orange/purple/blue palette (~100 apart) was
+# where short CPU-trained autoencoders confused colours, which then capped the demo's accuracy.
 COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 30),
-    "green": (30, 170, 50),
-    "blue": (40, 70, 230),
-    "yellow": (240, 225, 30),
-    "purple": (150, 40, 200),
-    "orange": (245, 130, 20),
+    "red": (230, 30, 30),
+    "green": (30, 180, 40),
+    "blue": (30, 60, 230),
+    "yellow": (240, 230, 30),
+    "magenta": (220, 40, 220),
+    "cyan": (30, 210, 230),
 }
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "white": (255, 255, 255),

@@ -37,7 +37,7 @@ def _rgb_dist(a: tuple[int, ...], b: tuple[int, ...]) -> float:
 
 
 def test_vocabulary_is_well_separated() -> None:
-    assert set(COLOURS) == {"red", "green", "blue", "yellow", "purple", "orange"}
+    assert set(COLOURS) == {"red", "green", "blue", "yellow", "magenta", "cyan"}
     assert set(BACKGROUNDS) == {"white", "black", "gray"}
     assert SHAPES == ("circle", "square", "triangle")
     assert POSITIONS["top right"] == (0.73, 0.27)
@@ -118,11 +118,11 @@ def test_checker_rejects_wrong_attributes() -> None:
 
 
 def test_checker_accepts_model_tensors() -> None:
-    spec = ShapeSpec("orange", "circle", "top right", "black")
+    spec = ShapeSpec("cyan", "circle", "top right", "black")
     image = render(spec, 32, np.random.default_rng(3))
     chw = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 127.5 - 1.0
     assert predict(chw.numpy()) == predict(image)
-    assert predict(chw.numpy())["colour"] == "orange"
+    assert predict(chw.numpy())["colour"] == "cyan"
 
 
 def test_score_many_averages() -> None:

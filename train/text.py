@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ class FrozenTextEncoder(nn.Module):
         model: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
         use_attention_mask: bool = False,
+        cache_size: int = 0,
     ) -> None:
         super().__init__()
         self.model = model
@@ -36,6 +38,10 @@ class FrozenTextEncoder(nn.Module):
         self.model.config.use_attention_mask = use_attention_mask
         self.model.requires_grad_(False)
         self.model.eval()
+        # The encoder is frozen, so its output is a pure function of the token ids: with few
+        # distinct captions (small or synthetic sets) caching skips most encoder passes.
+        self.cache_size = cache_size
+        self._cache: OrderedDict[tuple[str, bytes], torch.Tensor] = OrderedDict()
 
     @property
     def hidden_size(self) -> int:
@@ -65,4 +71,19 @@ class FrozenTextEncoder(nn.Module):
     ) -> torch.Tensor:
         """Token ids [B, L] -> hidden states [B, L, D] (the pipeline's `prompt_embeds`)."""
         mask = attention_mask if self.model.config.use_attention_mask else None
-        return self.model(input_ids, attention_mask=mask)[0]
+        if self.cache_size <= 0:
+            return self.model(input_ids, attention_mask=mask)[0]
+        keys = [(str(row.device), row.cpu().numpy().tobytes()) for row in input_ids]
+        missing = sorted({i for i, k in enumerate(keys) if k not in self._cache})
+        if missing:
+            idx = torch.tensor(missing, device=input_ids.device)
+            sub_mask = mask[idx] if mask is not None else None
+            hidden = self.model(input_ids[idx], attention_mask=sub_mask)[0]
+            for i, h in zip(missing, hidden, strict=True):
+                self._cache[keys[i]] = h
+        for k in keys:
+            self._cache.move_to_end(k)
+        out = torch.stack([self._cache[k] for k in keys])
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return out

@@ -64,7 +64,8 @@ def describe_run(trainer: L.Trainer) -> list[str]:
     lines = []
     for logger in mlflow_loggers(trainer):
         uri = logger._tracking_uri  # the URI the user configured, as given
-        lines.append(f"MLflow run: {logger.run_id} (experiment {logger.name!r}) at {uri}")
+        name = logger._experiment_name
+        lines.append(f"MLflow run: {logger.run_id} (experiment {name!r}) at {uri}")
         if uri and not uri.startswith("http"):
             lines.append(f"  browse it: mlflow ui --backend-store-uri {uri}")
     return lines
