@@ -76,10 +76,12 @@ class LatentDiffusion(L.LightningModule):
         return self
 
     @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+    def encode_images(
+        self, pixels: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """Pixels [B, 3, H, W] in [-1, 1] -> scaled latents [B, C, H/f, W/f]."""
         posterior = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
-        return posterior.sample() * self.latent_scale
+        return posterior.sample(generator=generator) * self.latent_scale
 
     def drop_captions(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Replace a random subset of captions with the empty prompt (Ho & Salimans 2022, CFG)."""
@@ -91,7 +93,7 @@ class LatentDiffusion(L.LightningModule):
         return ids, mask
 
     def diffusion_step(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
-        x0 = self.encode_images(batch["pixel_values"])
+        x0 = self.encode_images(batch["pixel_values"], generator)
         ids, mask = self.drop_captions(batch["input_ids"], batch["attention_mask"])
         context = self.text_encoder(ids, mask)  # [B, L, D]
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)

@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import Logger, MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
 
@@ -32,6 +33,9 @@ def run(cfg: DictConfig) -> float | None:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     loggers = build_loggers(cfg.logger, run_dir, resuming=cfg.ckpt_path is not None)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
+    if not loggers:
+        # logger=none: LearningRateMonitor refuses a Trainer without loggers (nowhere to log).
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     callbacks.append(ConfigInCheckpoint(resolved))
     strategy = instantiate(cfg.strategy) if cfg.strategy is not None else "auto"
     trainer: L.Trainer = instantiate(

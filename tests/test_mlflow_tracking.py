@@ -1,0 +1,167 @@
+"""What a run records in MLflow (the default logger: an embedded SQLite store under paths.root):
+config params, metric histories, lineage tags, artifacts, and the same run after a resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from train.run import RUN_ID_FILE, run
+
+REPO = Path(__file__).resolve().parent.parent
+MAX_STEPS = 4
+BATCH_SIZE = 4
+# ThroughputMonitor only logs a rate once its window (100 batches by default) is full, and on one
+# device it is named `train/device/samples_per_sec`; a window of 2 makes it appear in 4 steps.
+THROUGHPUT_WINDOW = "+callbacks.throughput.window_size=2"
+
+
+def compose_at(root: Path, *overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    from tests.conftest import CONF_DIR
+    from train import config
+
+    config.register()
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        return compose("train", overrides=[f"paths.root={root}", *overrides])
+
+
+@pytest.fixture(scope="module")
+def tracked(tmp_path_factory, demo_shards):
+    """One tiny run logged with the default MLflow logger; yields (cfg, client, run_id)."""
+    root = tmp_path_factory.mktemp("tracked")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)  # the store must be the one under root
+        cfg = compose_at(root, "experiment=tiny", f"data.urls={demo_shards}", THROUGHPUT_WINDOW)
+        assert cfg.trainer.max_steps == MAX_STEPS and cfg.data.batch_size == BATCH_SIZE
+        assert cfg.logger.mlflow.tracking_uri == f"sqlite:///{root}/mlflow.db"
+        run(cfg)
+        client = MlflowClient(tracking_uri=cfg.logger.mlflow.tracking_uri)
+        run_id = (Path(cfg.paths.run_dir) / RUN_ID_FILE).read_text().strip()
+        yield cfg, client, run_id
+
+
+@pytest.fixture(scope="module")
+def resumed(tracked, demo_shards):
+    """The same run resumed from last.ckpt up to step 6."""
+    cfg, client, run_id = tracked
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        cfg2 = compose_at(
+            Path(cfg.paths.root),
+            "experiment=tiny",
+            f"data.urls={demo_shards}",
+            THROUGHPUT_WINDOW,
+            "ckpt_path=last",
+            "trainer.max_steps=6",
+        )
+        run(cfg2)
+    return cfg2
+
+
+def history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def test_the_store_is_the_sqlite_file_under_paths_root(tracked):
+    cfg, client, run_id = tracked
+    assert (Path(cfg.paths.root) / "mlflow.db").is_file()
+    experiment = client.get_experiment_by_name(cfg.experiment_name)
+    assert experiment is not None
+    runs = client.search_runs([experiment.experiment_id])
+    assert [r.info.run_id for r in runs] == [run_id]
+    assert runs[0].info.status == "FINISHED"
+    assert runs[0].info.run_name == cfg.run_name
+
+
+def test_params_are_the_flattened_resolved_config(tracked):
+    cfg, client, run_id = tracked
+    params = client.get_run(run_id).data.params
+    assert params["trainer/max_steps"] == str(MAX_STEPS)
+    assert params["data/batch_size"] == str(BATCH_SIZE)
+    assert params["model/_target_"] == "train.ldm_module.LatentDiffusion"
+    assert params["model/optimizer/lr"] == str(cfg.model.optimizer.lr)
+    assert params["model/unet/block_out_channels"] == "[32, 64]"
+    assert params["paths/root"] == cfg.paths.root  # resolved, not "${abspath:...}"
+    assert not any(k.startswith("hydra") for k in params)
+
+
+def test_metric_histories(tracked):
+    cfg, client, run_id = tracked
+    steps = list(range(MAX_STEPS))
+
+    loss = history(client, run_id, "train/loss")
+    assert [s for s, _ in loss] == steps
+    assert all(math.isfinite(v) and v > 0 for _, v in loss)
+
+    # Constant schedule with a 2-step linear warm-up, logged every step by LearningRateMonitor.
+    lr, warmup = cfg.model.optimizer.lr, cfg.model.lr_scheduler.num_warmup_steps
+    lrs = history(client, run_id, "lr-AdamW")
+    assert [s for s, _ in lrs] == steps
+    assert [v for _, v in lrs] == pytest.approx([lr * min(1.0, s / warmup) for s in steps])
+
+    grad_norm = history(client, run_id, "train/grad_norm")
+    assert [s for s, _ in grad_norm] == steps
+    assert all(math.isfinite(v) and v > 0 for _, v in grad_norm)
+
+    samples = history(client, run_id, "train/samples")
+    assert samples == [(s, float(BATCH_SIZE * (s + 1))) for s in steps]
+    rate = history(client, run_id, "train/device/samples_per_sec")
+    assert rate and all(v > 0 for _, v in rate)
+
+    skipped = history(client, run_id, "data/skipped_decode_error")
+    assert [v for _, v in skipped] == [0.0] * MAX_STEPS  # the demo shards are clean
+
+
+def test_lineage_tags(tracked):
+    _, client, run_id = tracked
+    tags = client.get_run(run_id).data.tags
+    assert tags["host"] == platform.node()
+    assert tags["command"] == shlex.join(sys.argv)
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=False
+    )
+    if head.returncode == 0:
+        assert tags["mlflow.source.git.commit"] == head.stdout.strip()
+        assert tags["git.dirty"] in ("True", "False")
+    else:
+        assert "mlflow.source.git.commit" not in tags
+
+
+def test_export_and_final_samples_are_artifacts(tracked, tmp_path):
+    cfg, client, run_id = tracked
+    exported = {a.path for a in client.list_artifacts(run_id, "export")}
+    assert "export/model_index.json" in exported
+    assert {"export/unet", "export/vae", "export/text_encoder"} <= exported
+    assert "samples/final.png" in {a.path for a in client.list_artifacts(run_id, "samples")}
+
+    local = client.download_artifacts(run_id, "export/model_index.json", str(tmp_path))
+    logged = json.loads(Path(local).read_text())
+    written = json.loads((Path(cfg.paths.run_dir) / "export" / "model_index.json").read_text())
+    assert logged == written
+    assert logged["_class_name"] == "StableDiffusionPipeline"
+
+
+def test_resume_logs_into_the_same_run(tracked, resumed):
+    cfg, client, run_id = tracked
+    experiment = client.get_experiment_by_name(cfg.experiment_name)
+    runs = client.search_runs([experiment.experiment_id])
+    assert [r.info.run_id for r in runs] == [run_id]
+    assert (Path(resumed.paths.run_dir) / RUN_ID_FILE).read_text().strip() == run_id
+
+    loss_steps = [s for s, _ in history(client, run_id, "train/loss")]
+    assert loss_steps == list(range(6))  # steps 0-3 from the first run, 4-5 from the resume
+    data = client.get_run(run_id).data
+    # MLflow params are immutable: they keep the first run's values, the resume goes in a tag.
+    assert data.params["trainer/max_steps"] == str(MAX_STEPS)
+    assert data.tags["resume_command"] == shlex.join(sys.argv)
+    assert client.get_run(run_id).info.status == "FINISHED"
