@@ -11,7 +11,6 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 @pytest.fixture(scope="session")
@@ -31,11 +30,12 @@ def compose(tmp_path) -> Callable[..., object]:
     from hydra import initialize_config_dir
 
     from train import config
+    from train.cli import CONFIG_DIR
 
     config.register()
 
     def _compose(*overrides: str):
-        with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
             return hydra_compose("train", overrides=[f"paths.root={tmp_path}", *overrides])
 
     return _compose

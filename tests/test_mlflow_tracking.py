@@ -27,8 +27,8 @@ THROUGHPUT_WINDOW = "+callbacks.throughput.window_size=2"
 def compose_at(root: Path, *overrides: str):
     from hydra import compose, initialize_config_dir
 
-    from tests.conftest import CONF_DIR
     from train import config
+    from train.cli import CONFIG_DIR as CONF_DIR
 
     config.register()
     with initialize_config_dir(CONF_DIR, version_base="1.3"):

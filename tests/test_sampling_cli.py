@@ -26,8 +26,8 @@ PROMPTS = (
 def export(tmp_path_factory, demo_shards) -> Path:
     from hydra import compose, initialize_config_dir
 
-    from tests.conftest import CONF_DIR
     from train import config
+    from train.cli import CONFIG_DIR as CONF_DIR
 
     config.register()
     root = tmp_path_factory.mktemp("sampling")

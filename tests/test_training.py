@@ -23,8 +23,8 @@ def trained(tmp_path_factory, demo_shards):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from tests.conftest import CONF_DIR
     from train import config
+    from train.cli import CONFIG_DIR as CONF_DIR
 
     config.register()
     root = tmp_path_factory.mktemp("run")
