@@ -11,7 +11,7 @@ from diffusers import AutoencoderKL
 from PIL import Image
 
 from train import diffusion
-from train.ldm_module import OptimizerFactory, SchedulerFactory
+from train.ldm_module import OptimizerFactory, SchedulerFactory, optimizer_config
 from train.util import atomic_dir, image_grid
 
 
@@ -86,14 +86,9 @@ class AutoencoderTraining(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(params=self.vae.parameters())
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        scheduler = self.lr_scheduler_factory(optimizer)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }
+        return optimizer_config(
+            self.vae.parameters(), self.optimizer_factory, self.lr_scheduler_factory
+        )
 
     @torch.no_grad()
     def preview(self, batch: dict | None, prompts: list[str] | None = None, **_) -> Image.Image:

@@ -118,16 +118,8 @@ class LatentDiffusion(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(
-            params=[p for p in self.unet.parameters() if p.requires_grad]
-        )
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        scheduler = self.lr_scheduler_factory(optimizer)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }
+        params = [p for p in self.unet.parameters() if p.requires_grad]
+        return optimizer_config(params, self.optimizer_factory, self.lr_scheduler_factory)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint["state_dict"]
@@ -180,6 +172,16 @@ class LatentDiffusion(L.LightningModule):
         with atomic_dir(out_dir) as tmp:
             self.pipeline(scheduler).save_pretrained(tmp, safe_serialization=True)
         return Path(out_dir)
+
+
+def optimizer_config(
+    params, optimizer: OptimizerFactory, lr_scheduler: SchedulerFactory | None
+) -> torch.optim.Optimizer | dict:
+    """What `configure_optimizers` returns: the optimizer, and its schedule stepped per step."""
+    opt = optimizer(params=params)
+    if lr_scheduler is None:
+        return opt
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": lr_scheduler(opt), "interval": "step"}}
 
 
 def vae_scale_factor(vae: AutoencoderKL) -> int:
