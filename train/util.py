@@ -34,13 +34,6 @@ def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def atomic_file(path: str | Path) -> Path:
-    """A temporary sibling path for `path`; callers write there and `os.replace` it."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    return p.parent / f".{p.name}.tmp"
-
-
 def image_grid(images: Sequence[Image.Image], cols: int | None = None) -> Image.Image:
     """Tile images (all the same size) into one grid image, row-major."""
     if not images:
