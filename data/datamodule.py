@@ -1,244 +1,210 @@
-"""LightningDataModule streaming image-text pairs from WebDataset tar shards (img2dataset layout).
+"""LightningDataModule streaming image-text (or precomputed latent) samples from tar shards.
 
-One epoch is one pass over the shards: shards are split across nodes, then across DataLoader
-workers, and batching happens inside the workers.
+Every rank and worker reads an equal, disjoint range of the epoch's samples (``data.plan``), so
+ranks never wait on each other at an epoch's end, and the position in the epoch is saved in
+checkpoints through the train loader's ``state_dict`` (``data.loader``).
 """
 
 from __future__ import annotations
 
-import glob
 import os
-import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import braceexpand
 import lightning as L
-import webdataset as wds
+from torch.utils.data import DataLoader
 
-from data.transforms import Collate, SampleDecoder, SkipCounter
+from data.buckets import AspectBuckets
+from data.decoders import IMAGE_KEYS, ImageDecoder, LatentDecoder
+from data.loader import POSITION_KEY, StatefulLoader
+from data.metadata import CaptionPicker, MetadataFilter
+from data.sources import ShardSizes, resolve_shards
+from data.stream import ShardStream
+from data.transforms import Collate, SkipCounter
 
-HINT = "check the path or run `ldm-data demo DIR` to write the demo shards"
-
-
-def _is_remote(url: str) -> bool:
-    return "://" in url or url.startswith("pipe:")
-
-
-def _missing(spec: str, detail: str) -> FileNotFoundError:
-    return FileNotFoundError(f"data.urls={spec!r} {detail}; {HINT}")
-
-
-def _resolve_one(spec: str) -> list[str]:
-    if _is_remote(spec):
-        return list(braceexpand.braceexpand(spec))
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        shards = sorted(str(p) for p in path.glob("*.tar"))
-        if not shards:
-            raise _missing(spec, "is a directory with no .tar files")
-        return shards
-    if path.suffix == ".txt" and path.is_file():
-        return _resolve_list_file(path)
-    expanded = [os.path.expanduser(u) for u in braceexpand.braceexpand(spec)]
-    if any(glob.has_magic(u) for u in expanded):
-        shards = sorted({m for u in expanded for m in glob.glob(u)})
-        if not shards:
-            raise _missing(spec, "matched no shard files")
-        return shards
-    absent = [u for u in expanded if not os.path.exists(u)]
-    if len(absent) == len(expanded):
-        raise _missing(spec, "matched no shard files")
-    if absent:
-        shown = ", ".join(absent[:3]) + (" ..." if len(absent) > 3 else "")
-        raise _missing(spec, f"names {len(absent)} missing shard files ({shown})")
-    return expanded
+# Kept for callers that imported it from here.
+__all__ = ["WebDatasetDataModule", "resolve_shards"]
 
 
-def _resolve_list_file(path: Path) -> list[str]:
-    shards: list[str] = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        # Relative entries are relative to the list file, so a dataset folder can be moved.
-        if not _is_remote(line) and not os.path.isabs(os.path.expanduser(line)):
-            line = str(path.parent / line)
-        shards.extend(_resolve_one(line))
-    if not shards:
-        raise _missing(str(path), "is a list file with no entries")
-    return shards
+class _Limited:
+    """The first ``n`` batches of a loader, with a length Lightning can read."""
+
+    def __init__(self, loader: DataLoader, n: int) -> None:
+        self.loader, self.n = loader, n
+
+    def __len__(self) -> int:
+        return min(self.n, len(self.loader))
+
+    def __iter__(self) -> Iterator[Any]:
+        for i, batch in enumerate(self.loader):
+            if i >= self.n:
+                break
+            batch.pop(POSITION_KEY, None)
+            yield batch
 
 
-def resolve_shards(urls: str | list[str]) -> list[str]:
-    """Expand ``urls`` into shard URLs, checking that local ones exist.
-
-    Accepts a brace pattern (``dir/shapes-{000000..000007}.tar``), a glob, a directory (all its
-    ``*.tar``, sorted), a ``.txt`` list file (one URL, path or pattern per line), or a list of
-    any of these. Remote URLs (``scheme://`` or ``pipe:``) pass through unchecked.
-    """
-    specs = [urls] if isinstance(urls, (str, Path)) else list(urls)
-    if not specs:
-        raise _missing(str(urls), "is empty")
-    return [shard for spec in specs for shard in _resolve_one(str(spec))]
-
-
-def _is_sample(sample: dict[str, Any] | None) -> bool:
-    return sample is not None
-
-
-def shutdown_workers(loader: Any) -> None:
-    """Stop a WebLoader's DataLoader workers now.
-
-    Lightning keeps the loader in reference cycles; when the garbage collector finally breaks
-    them, the worker queues can be finalised before the DataLoader iterator, and each persistent
-    worker then waits out a 5 s join timeout. Lightning shuts down plain DataLoaders itself but
-    cannot see the one inside a WebLoader.
-    """
-    stages = loader.pipeline if isinstance(loader, wds.DataPipeline) else [loader]
-    for stage in stages:
-        iterator = getattr(stage, "_iterator", None)
-        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-            iterator._shutdown_workers()
-            stage._iterator = None
-
-
-class EpochShardList(wds.SimpleShardList):
-    """Shard list reshuffled every pass with ``seed + epoch``.
-
-    Every rank and worker keeps its own copy and counts its own passes, so they all agree on the
-    order before ``split_by_node``/``split_by_worker`` slice it (workers must be persistent).
-    """
-
-    def __init__(self, urls: list[str], seed: int | None, start_epoch: int = 0) -> None:
-        super().__init__(urls, seed=None)
-        self.shuffle_seed = seed
-        self.epoch = start_epoch - 1
-
-    def __iter__(self) -> Iterator[dict[str, str]]:
-        self.epoch += 1
-        urls = list(self.urls)
-        if self.shuffle_seed is not None:
-            random.Random(self.shuffle_seed + self.epoch).shuffle(urls)
-        for url in urls:
-            yield {"url": url}
+def _datasets(
+    urls: str | list[str] | None, datasets: list[dict[str, Any]] | None
+) -> tuple[list[str], list[float]]:
+    if (urls is None) == (datasets is None):
+        raise ValueError("set exactly one of data.urls and data.datasets ([{urls, weight}, ...])")
+    if datasets is None:
+        shards = resolve_shards(urls)  # type: ignore[arg-type]
+        return shards, [1.0] * len(shards)
+    shards, weights = [], []
+    for i, ds in enumerate(datasets):
+        if "urls" not in ds:
+            raise ValueError(f"data.datasets[{i}] has no `urls`")
+        found = resolve_shards(ds["urls"])
+        shards += found
+        weights += [float(ds.get("weight", 1.0))] * len(found)
+    return shards, weights
 
 
 class WebDatasetDataModule(L.LightningDataModule):
-    """Batches of ``pixel_values`` [B,3,R,R] in [-1,1], ``input_ids``/``attention_mask`` [B,L],
-    ``caption``, ``key`` and ``skipped`` (per-reason counts of samples this worker dropped since
-    its previous batch; sum them across batches to get totals)."""
+    """Batches of ``pixel_values`` [B,3,H,W] in [-1,1] (or ``latent_moments`` [B,2C,h,w] and
+    ``encoder_hidden_states`` [B,L,D] from latent shards), ``input_ids``/``attention_mask``
+    [B,L], ``caption``, ``key``, SDXL size fields and ``skipped`` (per-reason counts of samples
+    the worker dropped since its previous batch)."""
 
     def __init__(
         self,
-        urls: str | list[str],
-        tokenizer: Any,
-        resolution: int,
-        batch_size: int,
+        urls: str | list[str] | None = None,
+        tokenizer: Any = None,
+        resolution: int = 256,
+        batch_size: int = 16,
+        datasets: list[dict[str, Any]] | None = None,
         num_workers: int = 0,
         shuffle_buffer: int = 1000,
         seed: int = 0,
-        caption_key: str = "txt",
-        image_keys: tuple[str, ...] = ("jpg", "jpeg", "png", "webp"),
+        resampled: bool = False,
+        steps_per_epoch: int | None = None,
+        caption_fields: str | dict[str, float] = "txt",
+        caption_dropout: float = 0.0,
+        metadata_filter: MetadataFilter | None = None,
+        buckets: AspectBuckets | None = None,
+        latents: bool = False,
+        image_keys: tuple[str, ...] = IMAGE_KEYS,
         random_flip: bool = False,
         center_crop: bool = True,
         val_urls: str | list[str] | None = None,
         val_batches: int = 4,
         max_pixels: int = 178_956_970,
         max_skip_fraction: float = 0.5,
+        sizes_cache: str | None = None,
+        prefetch_factor: int | None = None,
     ) -> None:
         super().__init__()
-        # Resolved here so a bad path fails before any model is built.
-        self.shards = resolve_shards(urls)
+        # Resolved and counted here so a bad path fails before any model is built.
+        self.shards, self.weights = _datasets(urls, datasets)
+        self.sizes = ShardSizes(sizes_cache)(self.shards)
         self.val_shards = resolve_shards(val_urls) if val_urls is not None else None
-        self.tokenizer = tokenizer
-        self.resolution = resolution
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.shuffle_buffer = shuffle_buffer
-        self.seed = seed
-        self.caption_key = caption_key
+        self.tokenizer = None if latents else tokenizer
+        self.resolution, self.batch_size = resolution, batch_size
+        self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
+        self.shuffle_buffer, self.seed = shuffle_buffer, seed
+        self.resampled, self.steps_per_epoch = resampled, steps_per_epoch
+        self.captions = CaptionPicker(caption_fields, caption_dropout)
+        self.metadata_filter, self.buckets, self.latents = metadata_filter, buckets, latents
         self.image_keys = tuple(image_keys)
-        self.random_flip = random_flip
-        self.center_crop = center_crop
-        self.val_batches = val_batches
-        self.max_pixels = max_pixels
+        self.random_flip, self.center_crop = random_flip, center_crop
+        self.val_batches, self.max_pixels = val_batches, max_pixels
         self.max_skip_fraction = max_skip_fraction
-        self._loaders: list[Any] = []
+        self._train_loader: StatefulLoader | None = None
         if num_workers > 0:
             # A fast tokenizer used before the workers fork warns in every worker otherwise.
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        if sum(self.sizes) == 0:
+            raise ValueError(f"data: the {len(self.shards)} shards hold no samples")
 
-    def _describe(self, shards: list[str]) -> str:
-        return shards[0] if len(shards) == 1 else f"{shards[0]} .. {shards[-1]} ({len(shards)})"
-
-    def _start_epoch(self) -> int:
-        # A loader rebuilt mid-run (resume, reload_dataloaders_every_n_epochs) continues the
-        # epoch sequence instead of replaying epoch 0's order.
-        trainer = getattr(self, "trainer", None)
-        return int(trainer.current_epoch) if trainer is not None else 0
-
-    def _stages(self, shards: list[str], train: bool) -> list[Any]:
-        counter = SkipCounter(self.max_skip_fraction, self._describe(shards))
-        decoder = SampleDecoder(
+    def _decoder(self, counter: SkipCounter, train: bool) -> Any:
+        if self.latents:
+            return LatentDecoder(counter, self.metadata_filter)
+        captions = self.captions if train else CaptionPicker(self.captions.fields)
+        return ImageDecoder(
             self.resolution,
             counter,
-            caption_key=self.caption_key,
+            captions=captions,
+            metadata_filter=self.metadata_filter,
+            buckets=self.buckets,
             image_keys=self.image_keys,
             center_crop=self.center_crop if train else True,
             random_flip=self.random_flip and train,
             max_pixels=self.max_pixels,
+            # The autoencoder stage (no tokenizer) learns from images whether captioned or not.
+            require_caption=self.tokenizer is not None or self.latents,
+        )
+
+    def _stream(self, shards: list[str], sizes: list[int], train: bool) -> ShardStream:
+        counter = SkipCounter(self.max_skip_fraction, _describe(shards))
+        decoder = self._decoder(counter, train)
+        bucketed = self.buckets is not None or self.latents
+        return ShardStream(
+            shards,
+            sizes,
+            self.weights if train else [1.0] * len(shards),
+            self.batch_size,
+            decoder,
+            Collate(self.tokenizer),
+            counter,
             seed=self.seed,
+            shuffle=train and self.shuffle_buffer > 0,
+            window=self.shuffle_buffer if self.shuffle_buffer > 0 else 8 * self.batch_size,
+            resampled=train and self.resampled,
+            steps_per_epoch=self.steps_per_epoch,
+            bucket_of=decoder.bucket_of if bucketed else None,
         )
-        epoch = self._start_epoch() if train else 0
-        shuffler = None
-        if train and self.shuffle_buffer > 0:
-            shuffler = wds.detshuffle(self.shuffle_buffer, seed=self.seed, epoch=epoch - 1)
-        return [
-            EpochShardList(shards, seed=self.seed if train else None, start_epoch=epoch),
-            # Validation is not split by node: every rank scores the same few batches, so a rank
-            # can never end up with no validation data (and hang a synced metric).
-            wds.split_by_node if train else None,
-            wds.split_by_worker,
-            wds.tarfile_to_samples(handler=counter.tar_handler),
-            shuffler,
-            wds.map(decoder),
-            wds.select(_is_sample),
-            wds.batched(
-                self.batch_size, collation_fn=Collate(self.tokenizer, counter), partial=not train
-            ),
-        ]
 
-    def train_pipeline(self) -> wds.DataPipeline:
-        return wds.DataPipeline(*self._stages(self.shards, train=True))
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return int(trainer.global_rank), int(trainer.world_size)
+        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
-    def val_pipeline(self) -> wds.DataPipeline:
-        if self.val_shards is None:
-            raise ValueError("no val_urls were given")
-        return wds.DataPipeline(*self._stages(self.val_shards, train=False))
+    def _epoch(self) -> int:
+        return int(self.trainer.current_epoch)
 
-    def train_dataloader(self) -> wds.WebLoader:
-        # Workers without a shard simply yield nothing: DataPipeline has no empty check.
-        loader = wds.WebLoader(
-            self.train_pipeline(),
-            batch_size=None,
+    def train_dataloader(self) -> StatefulLoader:
+        stream = self._stream(self.shards, self.sizes, train=True)
+        stream.configure(*self._rank_world(), self.num_workers)
+        if len(stream) == 0:
+            raise ValueError(
+                f"data: {sum(self.sizes)} samples make no full batch of {self.batch_size} for "
+                f"each of {stream.slots} readers (ranks × data.num_workers); lower "
+                "data.batch_size or data.num_workers, or add shards"
+            )
+        has_trainer = getattr(self, "trainer", None) is not None
+        loader = StatefulLoader(
+            stream,
             num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            epoch_fn=self._epoch if has_trainer else None,
+            prefetch_factor=self.prefetch_factor,
         )
-        self._loaders.append(loader)
+        self._train_loader = loader
         return loader
 
     def val_dataloader(self) -> Any:
         if self.val_shards is None:
             return []
+        sizes = ShardSizes()(self.val_shards)
+        stream = self._stream(self.val_shards, sizes, train=False)
+        # Not split by rank: every rank scores the same few batches, so none is left without
+        # validation data (and a synced metric cannot hang).
         workers = min(self.num_workers, len(self.val_shards))
-        loader = wds.WebLoader(self.val_pipeline(), batch_size=None, num_workers=workers)
-        self._loaders.append(loader)
-        # Worker outputs interleave in a fixed order, so the first batches are always the same.
-        return loader.slice(self.val_batches)
+        stream.configure(0, 1, workers)
+        return _Limited(DataLoader(stream, batch_size=None, num_workers=workers), self.val_batches)
 
-    def teardown(self, stage: str) -> None:
-        for loader in self._loaders:
-            shutdown_workers(loader)
-        self._loaders.clear()
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        position = batch.pop(POSITION_KEY, None) if isinstance(batch, dict) else None
+        trainer = getattr(self, "trainer", None)
+        training = trainer is not None and trainer.training
+        if position is not None and self._train_loader is not None and training:
+            self._train_loader.mark_consumed(position)
+        return batch
+
+
+def _describe(shards: list[str]) -> str:
+    if len(shards) == 1:
+        return shards[0]
+    return f"{shards[0]} .. {Path(shards[-1]).name} ({len(shards)} shards)"

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import io
 import logging
-import random
 import warnings
 from typing import Any
 
 import numpy as np
 import torch
-import webdataset as wds
 from PIL import Image
 
 log = logging.getLogger(__name__)
@@ -26,7 +24,11 @@ SKIP_REASONS: tuple[str, ...] = (
     "missing_image",
     "too_large",
     "tar_error",
+    "empty_member",
 )
+# Samples a configured filter dropped: counted, but not bad data, so not in the skip rate.
+FILTER_REASONS: tuple[str, ...] = ("filtered_small", "filtered_aspect", "filtered_score")
+ALL_REASONS = SKIP_REASONS + FILTER_REASONS
 MIN_SEEN_FOR_CHECK = 50
 
 
@@ -45,8 +47,8 @@ class SkipCounter:
         self.max_skip_fraction = max_skip_fraction
         self.source = source
         self.seen = 0
-        self.totals = dict.fromkeys(SKIP_REASONS, 0)
-        self.pending = dict.fromkeys(SKIP_REASONS, 0)
+        self.totals = dict.fromkeys(ALL_REASONS, 0)
+        self.pending = dict.fromkeys(ALL_REASONS, 0)
 
     def see(self) -> None:
         self.seen += 1
@@ -55,6 +57,8 @@ class SkipCounter:
         self.totals[reason] += 1
         self.pending[reason] += 1
         n = self.totals[reason]
+        if reason not in SKIP_REASONS:
+            return
         # Log the first of each reason and then only at powers of ten, so a bad shard cannot
         # flood the log.
         if n == 1 or (n >= 10 and str(n).rstrip("0") == "1"):
@@ -68,7 +72,7 @@ class SkipCounter:
         self.check()
 
     def check(self) -> None:
-        skipped = sum(self.totals.values())
+        skipped = sum(self.totals[r] for r in SKIP_REASONS)
         if self.seen < MIN_SEEN_FOR_CHECK:
             return
         fraction = skipped / self.seen
@@ -90,7 +94,7 @@ class SkipCounter:
         return True
 
     def take(self) -> dict[str, int]:
-        out, self.pending = self.pending, dict.fromkeys(SKIP_REASONS, 0)
+        out, self.pending = self.pending, dict.fromkeys(ALL_REASONS, 0)
         return out
 
 
@@ -120,87 +124,10 @@ def decode_image(data: bytes, max_pixels: int, draft_size: int | None = None) ->
     return image.convert("RGB")
 
 
-def resize_crop(
-    image: Image.Image, resolution: int, center_crop: bool, flip: bool, rng: random.Random
-) -> Image.Image:
-    """Shorter side to ``resolution`` (bicubic, antialiased), square crop, optional h-flip."""
-    width, height = image.size
-    scale = resolution / min(width, height)
-    new_w = max(resolution, round(width * scale))
-    new_h = max(resolution, round(height * scale))
-    if (new_w, new_h) != (width, height):
-        image = image.resize((new_w, new_h), Image.Resampling.BICUBIC, reducing_gap=None)
-    if center_crop:
-        left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
-    else:
-        left, top = rng.randint(0, new_w - resolution), rng.randint(0, new_h - resolution)
-    image = image.crop((left, top, left + resolution, top + resolution))
-    if flip and rng.random() < 0.5:
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return image
-
-
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """RGB PIL image to float32 CHW in [-1, 1]."""
     arr = np.array(image, dtype=np.uint8)
     return torch.from_numpy(arr).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
-
-
-class SampleDecoder:
-    """``wds.map`` stage: raw tar sample -> {"pixel_values", "caption", "key"} or None (skip)."""
-
-    def __init__(
-        self,
-        resolution: int,
-        counter: SkipCounter,
-        caption_key: str = "txt",
-        image_keys: tuple[str, ...] = ("jpg", "jpeg", "png", "webp"),
-        center_crop: bool = True,
-        random_flip: bool = False,
-        max_pixels: int = 178_956_970,
-        seed: int = 0,
-    ) -> None:
-        self.resolution = resolution
-        self.counter = counter
-        self.caption_key = caption_key
-        self.image_keys = image_keys
-        self.center_crop = center_crop
-        self.random_flip = random_flip
-        self.max_pixels = max_pixels
-        self.seed = seed
-        self._rng: random.Random | None = None
-
-    def _worker_rng(self) -> random.Random:
-        # Created on first use so each worker (and rank) gets its own stream of crops and flips.
-        if self._rng is None:
-            rank, _, worker, _ = wds.utils.pytorch_worker_info()
-            self._rng = random.Random(f"{self.seed}-{rank}-{worker}")
-        return self._rng
-
-    def __call__(self, sample: dict[str, Any]) -> dict[str, Any] | None:
-        key = str(sample.get("__key__", "?"))
-        self.counter.see()
-        image_key = next((k for k in self.image_keys if k in sample), None)
-        if image_key is None:
-            self.counter.skip("missing_image", key, f"members: {sorted(sample)}")
-            return None
-        raw_caption = sample.get(self.caption_key) or b""
-        caption = raw_caption.decode("utf-8", errors="replace").strip()
-        if not caption:
-            self.counter.skip("missing_caption", key, f"no {self.caption_key!r} text")
-            return None
-        try:
-            image = decode_image(sample[image_key], self.max_pixels, self.resolution)
-        except ImageTooLarge as exn:
-            self.counter.skip("too_large", key, str(exn))
-            return None
-        except Exception as exn:  # PIL raises many types for broken files
-            self.counter.skip("decode_error", key, repr(exn))
-            return None
-        image = resize_crop(
-            image, self.resolution, self.center_crop, self.random_flip, self._worker_rng()
-        )
-        return {"pixel_values": to_tensor(image), "caption": caption, "key": key}
 
 
 def tokenize(tokenizer: Any, captions: list[str]) -> dict[str, torch.Tensor]:
@@ -219,20 +146,19 @@ def tokenize(tokenizer: Any, captions: list[str]) -> dict[str, torch.Tensor]:
 
 
 class Collate:
-    """``wds.batched`` collation: stack images, tokenize captions, attach skip counts."""
+    """Batch collation: stack tensors, keep strings as lists, tokenize captions, attach the
+    worker's skip counts since its previous batch."""
 
-    def __init__(self, tokenizer: Any, counter: SkipCounter) -> None:
+    def __init__(self, tokenizer: Any = None) -> None:
+        # No tokenizer: an image-only stage (the autoencoder) or precomputed embeddings.
         self.tokenizer = tokenizer
-        self.counter = counter
 
-    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        captions = [s["caption"] for s in samples]
-        # No tokenizer: an image-only stage (the autoencoder) that never reads tokens.
-        tokens = tokenize(self.tokenizer, captions) if self.tokenizer is not None else {}
-        return {
-            "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
-            **tokens,
-            "caption": captions,
-            "key": [s["key"] for s in samples],
-            "skipped": self.counter.take(),
-        }
+    def __call__(self, samples: list[dict[str, Any]], counter: SkipCounter) -> dict[str, Any]:
+        batch: dict[str, Any] = {}
+        for name in samples[0]:
+            values = [s[name] for s in samples]
+            batch[name] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+        if self.tokenizer is not None:
+            batch.update(tokenize(self.tokenizer, batch["caption"]))
+        batch["skipped"] = counter.take()
+        return batch

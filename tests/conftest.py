@@ -12,7 +12,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-
 @pytest.fixture(scope="session")
 def demo_shards(tmp_path_factory) -> Path:
     """A small shapes set (64 samples of 32 px in 2 shards)."""

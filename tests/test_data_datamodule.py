@@ -19,10 +19,11 @@ import torch
 from lightning.pytorch.utilities import move_data_to_device
 from PIL import Image
 
+from data.buckets import resize_crop
 from data.datamodule import WebDatasetDataModule, resolve_shards
 from data.shapes import parse_caption, predict, render
 from data.shards import jpeg_bytes, write_demo_shards, write_shards
-from data.transforms import SKIP_REASONS, decode_image, resize_crop
+from data.transforms import ALL_REASONS, SKIP_REASONS, decode_image
 
 NUM_SAMPLES = 48
 PER_SHARD = 16
@@ -73,7 +74,7 @@ def test_batch_contents(shard_dir: Path, tokenizer: Any) -> None:
     assert batch["pixel_values"].min() < -0.5 and batch["pixel_values"].max() > 0.5
     assert batch["input_ids"].shape == (4, 32) and batch["input_ids"].dtype == torch.long
     assert batch["attention_mask"].dtype == torch.long
-    assert batch["skipped"] == dict.fromkeys(SKIP_REASONS, 0)
+    assert batch["skipped"] == dict.fromkeys(ALL_REASONS, 0)
     decoded = tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)
     assert decoded == batch["caption"]
     assert all(len(k) == 9 and k.isdigit() for k in batch["key"])
@@ -87,7 +88,7 @@ def test_batch_contents(shard_dir: Path, tokenizer: Any) -> None:
 def test_lightning_transfer_keeps_metadata(shard_dir: Path, tokenizer: Any) -> None:
     batch = next(iter(_module(str(shard_dir), tokenizer).train_dataloader()))
     moved = move_data_to_device(batch, torch.device("cpu"))
-    assert moved["skipped"] == dict.fromkeys(SKIP_REASONS, 0)
+    assert moved["skipped"] == dict.fromkeys(ALL_REASONS, 0)
     assert moved["caption"] == batch["caption"] and moved["key"] == batch["key"]
 
 
@@ -150,7 +151,7 @@ def test_bad_samples_are_skipped_and_counted(
     samples.insert(3, {"__key__": "corrupt", "jpg": b"\xff\xd8 not a jpeg", "txt": "a cat"})
     samples.insert(7, {"__key__": "nocaption", "jpg": _good("x", 0)["jpg"]})
     write_shards(samples, str(tmp_path / "bad-%06d.tar"), maxcount=100)
-    dm = _module(str(tmp_path / "bad-000000.tar"), tokenizer)
+    dm = _module(str(tmp_path / "bad-000000.tar"), tokenizer, batch_size=2)
     with caplog.at_level(logging.WARNING, logger="data.transforms"):
         batches = list(dm.train_dataloader())
     keys = [k for b in batches for k in b["key"]]
@@ -167,20 +168,24 @@ def test_other_skip_reasons(tmp_path: Path, tokenizer: Any) -> None:
     Image.new("RGB", (20, 16), (255, 0, 0)).save(png, format="PNG")
     samples.append({"__key__": "png", "png": png.getvalue(), "txt": "red"})
     write_shards(samples, str(tmp_path / "mixed-%06d.tar"), maxcount=100)
-    write_shards([_good("t", 9, size=16)], str(tmp_path / "whole-%06d.tar"), maxcount=100)
+    three = [_good(f"t{i}", 9 + i, size=16) for i in range(3)]
+    write_shards(three, str(tmp_path / "whole-%06d.tar"), maxcount=100)
     whole = (tmp_path / "whole-000000.tar").read_bytes()
-    (tmp_path / "mixed-000001.tar").write_bytes(whole[:700])  # cut inside the first member
+    # Cut inside the last sample's image: the first two samples stay readable.
+    cut = whole.index(b"t2.jpg") + 700
+    (tmp_path / "mixed-000001.tar").write_bytes(whole[:cut])
     dm = _module(
         str(tmp_path / "mixed-{000000..000001}.tar"),
         tokenizer,
         resolution=16,
-        batch_size=3,
+        batch_size=2,  # 14 counted samples: every one is read
         max_pixels=500,
     )
     batches = list(dm.train_dataloader())
     skipped = _sum_skipped(batches)
     assert skipped == {"too_large": 1, "missing_image": 1, "tar_error": 1}
-    assert {"png", "00000000"} <= {k[:8] for b in batches for k in b["key"]}
+    keys = {k for b in batches for k in b["key"]}
+    assert {"png", "t0", "t1"} <= keys and "t2" not in keys
     assert "big" not in {k for b in batches for k in b["key"]}
 
 
@@ -219,11 +224,13 @@ def test_transforms_resize_crop_and_alpha() -> None:
     wide = Image.new("RGB", (64, 32), (0, 0, 0))
     wide.paste((255, 255, 255), (16, 0, 48, 32))  # white middle half
 
-    out = resize_crop(wide, 16, center_crop=True, flip=False, rng=random.Random(0))
+    out, crop = resize_crop(wide, (16, 16), center_crop=True, flip=False, rng=random.Random(0))
+    assert crop == (0, 8)
     # Centre crop keeps the white middle (bicubic rings a little at the borders).
     assert out.size == (16, 16) and np.asarray(out).mean() > 245
     crops = {
-        np.asarray(resize_crop(wide, 16, False, True, random.Random(s))).mean() for s in range(8)
+        np.asarray(resize_crop(wide, (16, 16), False, True, random.Random(s))[0]).mean()
+        for s in range(8)
     }
     assert len(crops) > 1  # random crops move across the black/white edge
     rgba = Image.new("RGBA", (8, 8), (255, 0, 0, 0))
@@ -243,7 +250,7 @@ def test_ranks_split_the_shards(
         seen.append(set(_keys(_module(str(shard_dir), tokenizer, seed=5).train_dataloader())))
     assert not seen[0] & seen[1]
     assert len(seen[0] | seen[1]) == NUM_SAMPLES
-    assert {len(s) for s in seen} == {PER_SHARD, 2 * PER_SHARD}  # 3 shards over 2 ranks
+    assert [len(s) for s in seen] == [NUM_SAMPLES // 2] * 2  # 3 shards, yet equal halves
 
 
 class _Recorder(L.LightningModule):
@@ -290,7 +297,7 @@ def test_lightning_fit_with_workers(shard_dir: Path, tokenizer: Any) -> None:
     for keys in model.keys.values():
         assert len(keys) == NUM_SAMPLES and len(set(keys)) == NUM_SAMPLES
     assert model.keys[0] != model.keys[1]
-    assert set(model.skipped) == set(SKIP_REASONS) and sum(model.skipped.values()) == 0
+    assert set(model.skipped) == set(ALL_REASONS) and sum(model.skipped.values()) == 0
     assert model.val_keys == 2 * [f"00000{i:04d}" for i in range(8)]  # once per epoch
     # teardown stopped the persistent workers (else exit waits 5 s per worker).
     assert not multiprocessing.active_children()

@@ -25,7 +25,7 @@ def optimizer_and_schedule(module):
 def first_batch(cfg) -> dict:
     """One real batch from the data module the config builds (decoded, resized, tokenized)."""
     datamodule = instantiate(cfg.data)
-    return next(iter(datamodule.train_pipeline()))
+    return next(iter(datamodule.train_dataloader()))
 
 
 def train_steps(module, loss_fn, steps: int = STEPS) -> list[float]:

@@ -104,7 +104,7 @@ class ConfigInCheckpoint(L.Callback):
 
 def samples_in_batch(batch: dict) -> int:
     """Batch size for Lightning's ThroughputMonitor."""
-    return int(batch["pixel_values"].shape[0])
+    return len(batch["key"])
 
 
 class DataSkipMonitor(L.Callback):

@@ -14,6 +14,7 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from PIL import Image
 
 from train import diffusion
@@ -92,10 +93,34 @@ class LatentDiffusion(L.LightningModule):
         mask = torch.where(drop[:, None], self._empty_mask.expand_as(mask), mask)
         return ids, mask
 
+    def batch_latents(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Scaled latents [B, C, h, w]: from precomputed posterior moments when the batch has
+        them (``ldm-data encode`` shards), else by encoding ``pixel_values``."""
+        if "latent_moments" not in batch:
+            return self.encode_images(batch["pixel_values"], generator)
+        posterior = DiagonalGaussianDistribution(batch["latent_moments"].to(self.vae.dtype))
+        return posterior.sample(generator=generator) * self.latent_scale
+
+    def batch_context(self, batch: dict) -> torch.Tensor:
+        """Text hidden states [B, L, D], with caption dropout, precomputed or encoded here."""
+        if "encoder_hidden_states" not in batch:
+            ids, mask = self.drop_captions(batch["input_ids"], batch["attention_mask"])
+            return self.text_encoder(ids, mask)
+        hidden = batch["encoder_hidden_states"].to(self.dtype)
+        if not self.training or self.caption_dropout <= 0:
+            return hidden
+        drop = torch.rand(hidden.shape[0], device=hidden.device) < self.caption_dropout
+        return torch.where(drop[:, None, None], self.null_context().to(hidden.dtype), hidden)
+
+    def null_context(self) -> torch.Tensor:
+        """The empty prompt's hidden states [1, L, D], computed once."""
+        if getattr(self, "_null_context", None) is None:
+            self._null_context = self.text_encoder(self._empty_ids, self._empty_mask)
+        return self._null_context
+
     def diffusion_step(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
-        x0 = self.encode_images(batch["pixel_values"], generator)
-        ids, mask = self.drop_captions(batch["input_ids"], batch["attention_mask"])
-        context = self.text_encoder(ids, mask)  # [B, L, D]
+        x0 = self.batch_latents(batch, generator)
+        context = self.batch_context(batch)  # [B, L, D]
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         t = diffusion.sample_timesteps(self.noise_scheduler, x0.shape[0], x0.device, generator)
         x_t = diffusion.noisy_latents(self.noise_scheduler, x0, noise, t)
@@ -106,15 +131,14 @@ class LatentDiffusion(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.diffusion_step(batch)
-        bs = batch["pixel_values"].shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["key"]))
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         # Fixed noise and timesteps per batch so validation loss is comparable across steps.
         generator = torch.Generator(device=self.device).manual_seed(batch_idx)
         loss = self.diffusion_step(batch, generator)
-        self.log("val/loss", loss, prog_bar=True, batch_size=batch["pixel_values"].shape[0])
+        self.log("val/loss", loss, prog_bar=True, batch_size=len(batch["key"]))
         return loss
 
     def configure_optimizers(self):

@@ -1,0 +1,180 @@
+"""Raw webdataset sample -> training sample (or None when skipped), run inside data workers.
+
+Two kinds of shards: image shards (``jpg|png|webp`` + ``txt`` + ``json``, what img2dataset
+writes) and latent shards written by ``ldm-data encode`` (``latent.npy`` + ``emb.npy`` beside
+the caption and metadata). Members are parsed by hand, never unpickled: ``np.load`` runs with
+``allow_pickle=False`` and images go through PIL with a pixel limit.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from data.buckets import AspectBuckets, resize_crop
+from data.metadata import CaptionPicker, MetadataFilter, metadata_size
+from data.transforms import ImageTooLarge, SkipCounter, decode_image, to_tensor
+
+Raw = dict[str, Any]
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+
+
+def _size_tensor(hw: tuple[int, int]) -> torch.Tensor:
+    return torch.tensor(hw, dtype=torch.long)
+
+
+class ImageDecoder:
+    """Decode, filter, caption, resize-and-crop (to ``resolution`` or an aspect bucket).
+
+    Samples also carry SDXL's micro-conditioning fields: ``original_size`` (h, w),
+    ``crop_top_left`` (top, left) and ``target_size`` (h, w).
+    """
+
+    def __init__(
+        self,
+        resolution: int,
+        counter: SkipCounter,
+        captions: CaptionPicker | None = None,
+        metadata_filter: MetadataFilter | None = None,
+        buckets: AspectBuckets | None = None,
+        image_keys: tuple[str, ...] = IMAGE_KEYS,
+        center_crop: bool = True,
+        random_flip: bool = False,
+        max_pixels: int = 178_956_970,
+        require_caption: bool = True,
+    ) -> None:
+        self.resolution, self.counter = resolution, counter
+        self.captions = captions or CaptionPicker()
+        self.filter, self.buckets = metadata_filter, buckets
+        self.image_keys = tuple(image_keys)
+        self.center_crop, self.random_flip = center_crop, random_flip
+        self.max_pixels, self.require_caption = max_pixels, require_caption
+
+    def _image_key(self, raw: Raw) -> str | None:
+        return next((k for k in self.image_keys if k in raw), None)
+
+    def size_of(self, raw: Raw) -> tuple[int, int] | None:
+        """(w, h) from the json, else from the image header (no pixel decoding)."""
+        size = metadata_size(raw)
+        key = self._image_key(raw)
+        if size is None and key is not None and raw[key]:
+            try:
+                size = Image.open(io.BytesIO(raw[key])).size
+            except Exception:  # undecodable: the decoder counts it later
+                return None
+        return size
+
+    def bucket_of(self, raw: Raw) -> int:
+        size = self.size_of(raw) if self.buckets is not None else None
+        return self.buckets.index(*size) if size is not None and self.buckets else 0
+
+    def _target(self, size: tuple[int, int]) -> tuple[int, int]:
+        if self.buckets is None:
+            return self.resolution, self.resolution
+        return self.buckets.size(*size)
+
+    def _check(self, raw: Raw, key: str, rng: random.Random) -> tuple[str, str] | str:
+        """The image member and caption, or the skip reason."""
+        image_key = self._image_key(raw)
+        if image_key is None:
+            return "missing_image"
+        if not raw[image_key]:
+            return "empty_member"
+        if self.filter is not None:
+            reason = self.filter.reason(raw, self.size_of(raw))
+            if reason is not None:
+                return f"filtered_{reason}"
+        caption = self.captions(raw, rng)
+        if caption is None:
+            if self.require_caption:
+                return "missing_caption"
+            caption = ""
+        return image_key, caption
+
+    def __call__(self, raw: Raw, rng: random.Random) -> dict[str, Any] | None:
+        key = str(raw.get("__key__", "?"))
+        self.counter.see()
+        checked = self._check(raw, key, rng)
+        if isinstance(checked, str):
+            self.counter.skip(checked, key, f"members: {sorted(k for k in raw if k[0] != '_')}")
+            return None
+        image_key, caption = checked
+        header_size = self.size_of(raw)
+        target = self._target(header_size) if header_size else self._target((1, 1))
+        try:
+            image = decode_image(raw[image_key], self.max_pixels, max(target))
+        except ImageTooLarge as exn:
+            self.counter.skip("too_large", key, str(exn))
+            return None
+        except Exception as exn:  # PIL raises many types for broken files
+            self.counter.skip("decode_error", key, repr(exn))
+            return None
+        original = header_size or image.size
+        if header_size is None:
+            target = self._target(image.size)
+        image, crop = resize_crop(image, target, self.center_crop, self.random_flip, rng)
+        return {
+            "pixel_values": to_tensor(image),
+            "caption": caption,
+            "key": key,
+            "original_size": _size_tensor((original[1], original[0])),
+            "crop_top_left": _size_tensor(crop),
+            "target_size": _size_tensor((target[1], target[0])),
+        }
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    """An ``.npy`` member, refusing object arrays (which would need pickle)."""
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def npy_shape(data: bytes) -> tuple[int, ...]:
+    stream = io.BytesIO(data)
+    version = np.lib.format.read_magic(stream)
+    if version == (1, 0):
+        shape, _, _ = np.lib.format.read_array_header_1_0(stream)
+    else:
+        shape, _, _ = np.lib.format.read_array_header_2_0(stream)
+    return tuple(shape)
+
+
+class LatentDecoder:
+    """Samples of ``ldm-data encode`` shards: ``latent_moments`` [2C, h, w] (the VAE posterior's
+    mean and log-variance), ``encoder_hidden_states`` [L, D], ``caption``, ``key``."""
+
+    def __init__(self, counter: SkipCounter, metadata_filter: MetadataFilter | None = None) -> None:
+        self.counter, self.filter = counter, metadata_filter
+
+    def bucket_of(self, raw: Raw) -> tuple[int, ...]:
+        try:
+            return npy_shape(raw["latent.npy"])
+        except Exception:
+            return ()
+
+    def __call__(self, raw: Raw, rng: random.Random) -> dict[str, Any] | None:
+        key = str(raw.get("__key__", "?"))
+        self.counter.see()
+        if "latent.npy" not in raw or "emb.npy" not in raw:
+            self.counter.skip("missing_image", key, "no latent.npy/emb.npy: not an encoded shard")
+            return None
+        if self.filter is not None and (reason := self.filter.reason(raw, metadata_size(raw))):
+            self.counter.skip(f"filtered_{reason}", key)
+            return None
+        try:
+            moments = torch.from_numpy(load_npy(raw["latent.npy"]).astype(np.float32))
+            hidden = torch.from_numpy(load_npy(raw["emb.npy"]).astype(np.float32))
+        except Exception as exn:
+            self.counter.skip("decode_error", key, repr(exn))
+            return None
+        caption = (raw.get("txt") or b"").decode("utf-8", errors="replace").strip()
+        return {
+            "latent_moments": moments,
+            "encoder_hidden_states": hidden,
+            "caption": caption,
+            "key": key,
+        }
