@@ -118,7 +118,8 @@ class WebDatasetDataModule(L.LightningDataModule):
         if sum(self.sizes) == 0:
             raise ValueError(f"data: the {len(self.shards)} shards hold no samples")
 
-    def _decoder(self, counter: SkipCounter, train: bool) -> Any:
+    def decoder(self, counter: SkipCounter, train: bool) -> Any:
+        """The per-sample decoder (training or evaluation settings: no flips, no dropout)."""
         if self.latents:
             return LatentDecoder(counter, self.metadata_filter)
         captions = self.captions if train else CaptionPicker(self.captions.fields)
@@ -138,7 +139,7 @@ class WebDatasetDataModule(L.LightningDataModule):
 
     def _stream(self, shards: list[str], sizes: list[int], train: bool) -> ShardStream:
         counter = SkipCounter(self.max_skip_fraction, _describe(shards))
-        decoder = self._decoder(counter, train)
+        decoder = self.decoder(counter, train)
         bucketed = self.buckets is not None or self.latents
         return ShardStream(
             shards,

@@ -1,0 +1,102 @@
+"""Precomputed latents and embeddings (`ldm-data encode`) train exactly like online encoding."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from train.encode import compose
+from train.run import run
+
+
+def ldm_data(argv: list[str]) -> int:
+    import argparse
+
+    from train.encode import add_parser
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+@pytest.fixture(scope="module")
+def encoded(tmp_path_factory: pytest.TempPathFactory, demo_shards: Path) -> tuple[list, Path]:
+    root = tmp_path_factory.mktemp("latents")
+    tiny = compose([f"paths.root={root}", "experiment=tiny", f"data.urls={demo_shards}"])
+    vae_dir = root / "vae"
+    torch.manual_seed(0)
+    instantiate(tiny.model.vae).save_pretrained(vae_dir)
+    overrides = [
+        f"paths.root={root}",
+        "experiment=tiny",
+        f"data.urls={demo_shards}",
+        "model/vae=pretrained",
+        f"model.vae.pretrained_model_name_or_path={vae_dir}",
+        "logger=none",
+    ]
+    out = root / "encoded"
+    args = ["encode", str(out), *overrides, "--dtype", "float32", "--batch-size", "8"]
+    assert ldm_data(args) == 0
+    return overrides, out
+
+
+def _first_batch(datamodule) -> dict:
+    return next(iter(datamodule.train_dataloader()))
+
+
+def test_encoded_shards_layout(encoded: tuple[list, Path], demo_shards: Path) -> None:
+    _, out = encoded
+    names = sorted(p.name for p in demo_shards.glob("*.tar"))
+    assert sorted(p.name for p in out.glob("*.tar")) == names
+    assert json.loads((out / "sizes.json").read_text()) == {n: 32 for n in names}
+    assert not list(out.glob(".*.tmp"))
+    # A rerun skips the finished shards (resumable) and leaves them as they were.
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+    overrides, _ = encoded
+    assert ldm_data(["encode", str(out), *overrides]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")} == before
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_latent_loss_equals_online_loss(encoded: tuple[list, Path], training: bool) -> None:
+    overrides, out = encoded
+    cfg = compose([*overrides, "data.shuffle_buffer=0", "model.caption_dropout=0.5"])
+    online = _first_batch(instantiate(cfg.data))
+    latent = _first_batch(instantiate(cfg.data, urls=str(out), latents=True))
+    assert latent["key"] == online["key"]
+    assert "pixel_values" not in latent and "input_ids" not in latent
+    assert latent["latent_moments"].shape == (4, 8, 8, 8)  # [B, 2C, h, w]: 16 px, 2x down
+    module = instantiate(cfg.model).train(training)
+    losses = []
+    for batch in (online, latent):
+        torch.manual_seed(3)  # caption dropout draws from the global generator in both paths
+        losses.append(module.diffusion_step(batch, torch.Generator().manual_seed(1)))
+    assert torch.isfinite(losses[0])
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+
+
+def test_training_from_latents_never_runs_the_encoders(
+    encoded: tuple[list, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    overrides, out = encoded
+    cfg = compose([*overrides, f"data.urls={out}", "data.latents=true", "trainer.max_steps=3"])
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the VAE encoder ran during training from latents")
+
+    from diffusers import AutoencoderKL
+
+    monkeypatch.setattr(AutoencoderKL, "encode", forbidden)
+    run(cfg)
+    assert (Path(cfg.paths.run_dir) / "export" / "unet").is_dir()
+
+
+def test_encode_refuses_a_random_vae(demo_shards: Path, tmp_path: Path) -> None:
+    args = ["encode", str(tmp_path / "o"), f"paths.root={tmp_path}", "experiment=tiny"]
+    with pytest.raises(ValueError, match="model/vae=pretrained"):
+        ldm_data([*args, f"data.urls={demo_shards}"])
