@@ -120,6 +120,12 @@ def test_metric_histories(tracked):
 
     skipped = history(client, run_id, "data/skipped_decode_error")
     assert [v for _, v in skipped] == [0.0] * MAX_STEPS  # the demo shards are clean
+    # Per-rank data health (one rank here): loader rate and the wait for data between steps.
+    rank_rate = history(client, run_id, "data/rank0/samples_per_sec")
+    assert len(rank_rate) == MAX_STEPS and all(v > 0 for _, v in rank_rate)
+    assert rank_rate == history(client, run_id, "data/samples_per_sec")
+    waits = history(client, run_id, "data/rank0/wait_ms")
+    assert len(waits) == MAX_STEPS and all(v >= 0 for _, v in waits)
 
 
 def test_lineage_tags(tracked):

@@ -105,25 +105,3 @@ class ConfigInCheckpoint(L.Callback):
 def samples_in_batch(batch: dict) -> int:
     """Batch size for Lightning's ThroughputMonitor."""
     return len(batch["key"])
-
-
-class DataSkipMonitor(L.Callback):
-    """Sums the per-batch skip counts that data workers attach (`batch["skipped"]`) and logs them.
-
-    Workers are separate processes, so their counters travel inside the batches they produce.
-    """
-
-    def __init__(self) -> None:
-        self.totals: dict[str, int] = {}
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        for reason, n in (batch.get("skipped") or {}).items():
-            self.totals[reason] = self.totals.get(reason, 0) + int(n)
-        for reason, n in self.totals.items():
-            pl_module.log(f"data/skipped_{reason}", float(n), reduce_fx="max")
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"totals": dict(self.totals)}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.totals = dict(state_dict.get("totals", {}))
