@@ -93,12 +93,13 @@ class WebDatasetDataModule(L.LightningDataModule):
         max_pixels: int = 178_956_970,
         max_skip_fraction: float = 0.5,
         sizes_cache: str | None = None,
+        sizes_file: str | None = None,
         prefetch_factor: int | None = None,
     ) -> None:
         super().__init__()
         # Resolved and counted here so a bad path fails before any model is built.
         self.shards, self.weights = _datasets(urls, datasets)
-        self.sizes = ShardSizes(sizes_cache)(self.shards)
+        self.sizes = ShardSizes(sizes_cache, sizes_file)(self.shards)
         self.val_shards = resolve_shards(val_urls) if val_urls is not None else None
         self.tokenizer = None if latents else tokenizer
         self.resolution, self.batch_size = resolution, batch_size

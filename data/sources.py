@@ -145,8 +145,14 @@ class ShardSizes:
     thousand-shard dataset is scanned once, not at every start.
     """
 
-    def __init__(self, cache_file: str | os.PathLike | None = None) -> None:
+    def __init__(
+        self, cache_file: str | os.PathLike | None = None, sizes_file: str | None = None
+    ) -> None:
         self.cache_file = Path(cache_file) if cache_file else None
+        # An explicit {url or file name: count} map: the way to count `pipe:` shards.
+        self.explicit: dict[str, Any] = _read_json_map(sizes_file) if sizes_file else {}
+        if sizes_file and not self.explicit:
+            raise ValueError(f"data.sizes_file={sizes_file!r} is missing or not a JSON object")
         self._cache: dict[str, int] = {}
         if self.cache_file is not None and self.cache_file.exists():
             try:
@@ -162,6 +168,14 @@ class ShardSizes:
 
     def _one(self, url: str, sizes_files: dict[str, dict[str, Any]]) -> int:
         folder, name = os.path.split(url)
+        for key in (url, name):
+            if key in self.explicit:
+                return int(self.explicit[key])
+        if url.startswith("pipe:"):
+            raise ValueError(
+                f"no sample count for {url}: give data.sizes_file, a JSON file mapping each "
+                "shard URL (or file name) to its sample count"
+            )
         if folder not in sizes_files:
             sizes_files[folder] = _read_sizes_json(folder)
         if name in sizes_files[folder]:
@@ -191,7 +205,10 @@ class ShardSizes:
 
 
 def _read_sizes_json(folder: str) -> dict[str, Any]:
-    path = f"{folder}/sizes.json" if folder else "sizes.json"
+    return _read_json_map(f"{folder}/sizes.json" if folder else "sizes.json")
+
+
+def _read_json_map(path: str) -> dict[str, Any]:
     try:
         with fsspec.open(path, "r") if is_remote(path) else open(path) as f:
             return dict(json.load(f))
