@@ -62,10 +62,11 @@ def test_caption_fields_weights_and_dropout(tmp_path: Path) -> None:
     by_key = {
         k: c
         for b in _all(_module(urls, caption_fields=fields))
-        for k, c in zip(b["key"], b["caption"])
+        for k, c in zip(b["key"], b["caption"], strict=True)
     }
     assert by_key["k005"] == "txt 5"
-    assert by_key == {k: c for k, c in zip([f"k{i:03d}" for i in range(200)], captions)}  # seeded
+    keys = [f"k{i:03d}" for i in range(200)]
+    assert by_key == dict(zip(keys, captions, strict=True))  # seeded: the same draw twice
     only_alt = [c for b in _all(_module(urls, caption_fields="json.alt")) for c in b["caption"]]
     # Image-only mode (no tokenizer) keeps the caption-less sample with an empty caption.
     assert sorted(c.split()[0] if c else "" for c in only_alt).count("alt") == 199
