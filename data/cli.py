@@ -211,7 +211,30 @@ def build_parser() -> argparse.ArgumentParser:
     held.add_argument("--heldout-seed", type=int, default=0, help="used when OUT has no list")
     held.set_defaults(func=_heldout)
     _add_data_tools(sub)
+    _add_encode(sub)
     return parser
+
+
+def _encode(args: argparse.Namespace) -> int:
+    from train.encode import run_cli  # torch and the models load only for this command
+
+    return run_cli(args)
+
+
+def _add_encode(sub: Any) -> None:
+    p = sub.add_parser(
+        "encode",
+        help="precompute VAE latents and text embeddings into new shards",
+        description="Overrides are ldm-train's: the VAE, text encoder, resolution, captions, "
+        "buckets and filters come from the same config. Train with data.urls=OUT "
+        "data.latents=true.",
+    )
+    p.add_argument("out", metavar="OUT", help="folder for the encoded shards")
+    p.add_argument("overrides", nargs="*", help="ldm-train overrides (data.urls=..., model...)")
+    p.add_argument("--workers", type=int, default=1, help="processes (one per GPU on GPUs)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--dtype", choices=("float16", "float32"), default="float16")
+    p.set_defaults(func=_encode)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

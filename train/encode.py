@@ -190,16 +190,6 @@ def encode(cfg: Any, out: Path, workers: int, batch_size: int, dtype: str) -> di
     return sizes
 
 
-def add_parser(sub: Any) -> None:
-    p = sub.add_parser("encode", help="precompute VAE latents and text embeddings into shards")
-    p.add_argument("out", metavar="OUT", help="folder for the encoded shards")
-    p.add_argument("overrides", nargs="*", help="ldm-train overrides (data.urls=..., model...)")
-    p.add_argument("--workers", type=int, default=1, help="processes (one per GPU on GPUs)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float16")
-    p.set_defaults(func=run_cli)
-
-
 def run_cli(args: argparse.Namespace) -> int:
     cfg = compose(args.overrides)
     sizes = encode(cfg, Path(args.out), args.workers, args.batch_size, args.dtype)
