@@ -23,6 +23,11 @@ from data.transforms import SkipCounter
 Raw = dict[str, Any]
 
 
+def _repeat(batch: dict[str, Any]) -> dict[str, Any]:
+    """A batch sent again to fill an empty one: its skips were already counted once."""
+    return batch | {"skipped": dict.fromkeys(batch["skipped"], 0)}
+
+
 class ShardStream(IterableDataset):
     """Batches of one rank. ``epoch`` and ``start_batch`` are set by the loader before each
     iteration; ``len()`` is the number of batches this rank yields per epoch."""
@@ -145,8 +150,9 @@ class ShardStream(IterableDataset):
                 if batch is None:
                     pending += 1  # filled with the next good batch: the count never changes
                     continue
-                for _ in range(pending + 1):
-                    yield batch
+                yield batch
+                for _ in range(pending):
+                    yield _repeat(batch)
                 pending, last = 0, batch
             window += 1
         if pending:
@@ -156,7 +162,7 @@ class ShardStream(IterableDataset):
                     "skipped or missing; check the shards with `ldm-data validate`"
                 )
             for _ in range(pending):
-                yield last
+                yield _repeat(last)
 
     def _decode(self, slot: int, chunk: list[tuple[int, Raw]]) -> dict[str, Any] | None:
         samples = []
