@@ -6,6 +6,7 @@ Both run real Lightning processes (``tests/scripts/data_run.py``): DDP over gloo
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -69,6 +70,12 @@ def test_uneven_shards_two_ranks_two_workers(uneven: str, tmp_path: Path) -> Non
         assert len(keys) == 128 and len(set(keys)) == 128  # no sample read twice in an epoch
     assert per_epoch[0] != per_epoch[1]
     assert json.loads((tmp_path / "done.json").read_text())["global_step"] == 32
+    # DataHealthMonitor gathered both ranks' loader rates to rank 0's logger.
+    with open(tmp_path / "csv" / "version_0" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    for rank in (0, 1):
+        rates = [float(r[f"data/rank{rank}/samples_per_sec"]) for r in rows if r.get("step")]
+        assert len(rates) == 8 and all(v > 0 for v in rates)  # every 4 of 32 steps
 
 
 @pytest.mark.parametrize(("ckpt_every", "kill_at"), [(13, 44), (5, 12)])

@@ -17,8 +17,10 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 
 from data.datamodule import WebDatasetDataModule
+from train.data_health import DataHealthMonitor
 
 
 class Recorder(L.LightningModule):
@@ -67,7 +69,7 @@ def main() -> None:
         shuffle_buffer=args.shuffle_buffer,
         seed=7,
     )
-    callbacks = []
+    callbacks: list[L.Callback] = [DataHealthMonitor(every_n_steps=4)]
     if args.ckpt_every:
         callbacks.append(
             ModelCheckpoint(
@@ -79,9 +81,9 @@ def main() -> None:
         accelerator="cpu",
         devices=args.devices,
         strategy="ddp" if args.devices > 1 else "auto",
-        logger=False,
+        logger=CSVLogger(args.out, name="csv", version=0),
         callbacks=callbacks,
-        enable_checkpointing=bool(callbacks),
+        enable_checkpointing=bool(args.ckpt_every),
         enable_progress_bar=False,
         enable_model_summary=False,
     )
