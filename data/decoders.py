@@ -96,7 +96,10 @@ class ImageDecoder:
             caption = ""
         return image_key, caption
 
-    def __call__(self, raw: Raw, rng: random.Random) -> dict[str, Any] | None:
+    def __call__(
+        self, raw: Raw, rng: random.Random, bucket: int | None = None
+    ) -> dict[str, Any] | None:
+        """``bucket``: the index of the aspect bucket the batch uses (else the sample's own)."""
         key = str(raw.get("__key__", "?"))
         self.counter.see()
         checked = self._check(raw, key, rng)
@@ -105,7 +108,10 @@ class ImageDecoder:
             return None
         image_key, caption = checked
         header_size = self.size_of(raw)
-        target = self._target(header_size) if header_size else self._target((1, 1))
+        if bucket is not None and self.buckets is not None:
+            target = self.buckets.sizes[bucket]
+        else:
+            target = self._target(header_size) if header_size else self._target((1, 1))
         try:
             image = decode_image(raw[image_key], self.max_pixels, max(target))
         except ImageTooLarge as exn:
@@ -115,7 +121,7 @@ class ImageDecoder:
             self.counter.skip("decode_error", key, repr(exn))
             return None
         original = header_size or image.size
-        if header_size is None:
+        if header_size is None and bucket is None:
             target = self._target(image.size)
         image, crop = resize_crop(image, target, self.center_crop, self.random_flip, rng)
         return {
@@ -156,9 +162,16 @@ class LatentDecoder:
         except Exception:
             return ()
 
-    def __call__(self, raw: Raw, rng: random.Random) -> dict[str, Any] | None:
+    def __call__(
+        self, raw: Raw, rng: random.Random, bucket: tuple[int, ...] | None = None
+    ) -> dict[str, Any] | None:
+        """``bucket``: the latent shape of the batch; latents cannot be resized, so a sample of
+        another shape is dropped (``filtered_bucket``)."""
         key = str(raw.get("__key__", "?"))
         self.counter.see()
+        if bucket is not None and self.bucket_of(raw) not in (bucket, ()):
+            self.counter.skip("filtered_bucket", key)
+            return None
         if "latent.npy" not in raw or "emb.npy" not in raw:
             self.counter.skip("missing_image", key, "no latent.npy/emb.npy: not an encoded shard")
             return None

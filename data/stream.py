@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -38,7 +39,7 @@ class ShardStream(IterableDataset):
         sizes: list[int],
         weights: list[float],
         batch_size: int,
-        decoder: Callable[[Raw, random.Random], dict[str, Any] | None],
+        decoder: Callable[[Raw, random.Random, Any], dict[str, Any] | None],
         collate: Callable[[list[dict[str, Any]], SkipCounter], dict[str, Any]],
         counter: SkipCounter,
         seed: int = 0,
@@ -119,18 +120,25 @@ class ShardStream(IterableDataset):
             yield from itertools.islice(samples, seg.start + skip, seg.start + seg.count)
             skip = 0
 
-    def _chunks(self, slot: int, window: int, raw: list[Raw]) -> list[list[tuple[int, Raw]]]:
-        """The window's samples (with their slot position) cut into batches."""
+    def _chunks(self, slot: int, window: int, raw: list[Raw]) -> list[tuple[list, Any]]:
+        """The window's samples (with their slot position) cut into batches, each with the
+        bucket its samples are resized to (None without buckets)."""
         base = window * self.window
-        items = list(enumerate(raw, start=base))
+        items = [(pos, r, None) for pos, r in enumerate(raw, start=base)]
         if self.shuffle:
             random.Random(f"window/{self.seed}/{self.epoch}/{slot}/{window}").shuffle(items)
-        if self.bucket_of is not None:
-            # Batches of one aspect bucket: group after shuffling, then shuffle batch order.
-            items.sort(key=lambda it: self.bucket_of(it[1]))
         bs = self.batch_size
-        chunks = [items[i : i + bs] for i in range(0, len(items), bs)]
-        if self.bucket_of is not None and self.shuffle:
+        if self.bucket_of is None:
+            return [(items[i : i + bs], None) for i in range(0, len(items), bs)]
+        # Batches of one aspect bucket: group after shuffling, then shuffle the batch order. A
+        # batch at a boundary between two buckets takes its majority bucket (at most one such
+        # batch per bucket and window), so the number of batches never depends on the content.
+        items = sorted(((pos, r, self.bucket_of(r)) for pos, r, _ in items), key=lambda it: it[2])
+        chunks = []
+        for i in range(0, len(items), bs):
+            chunk = items[i : i + bs]
+            chunks.append((chunk, Counter(b for _, _, b in chunk).most_common(1)[0][0]))
+        if self.shuffle:
             random.Random(f"batches/{self.seed}/{self.epoch}/{slot}/{window}").shuffle(chunks)
         return chunks
 
@@ -144,8 +152,8 @@ class ShardStream(IterableDataset):
             chunks = self._chunks(slot, window, list(itertools.islice(raw_iter, size)))
             n_chunks = min(per_window, total - window * per_window)
             for j in range(produced - window * per_window, n_chunks):
-                chunk = chunks[j] if j < len(chunks) else []
-                batch = self._decode(slot, chunk)
+                chunk, bucket = chunks[j] if j < len(chunks) else ([], None)
+                batch = self._decode(slot, chunk, bucket)
                 produced += 1
                 if batch is None:
                     pending += 1  # filled with the next good batch: the count never changes
@@ -164,11 +172,11 @@ class ShardStream(IterableDataset):
             for _ in range(pending):
                 yield _repeat(last)
 
-    def _decode(self, slot: int, chunk: list[tuple[int, Raw]]) -> dict[str, Any] | None:
+    def _decode(self, slot: int, chunk: list, bucket: Any) -> dict[str, Any] | None:
         samples = []
-        for pos, raw in chunk:
+        for pos, raw, _ in chunk:
             rng = random.Random(f"sample/{self.seed}/{self.epoch}/{slot}/{pos}")
-            sample = self.decoder(raw, rng)
+            sample = self.decoder(raw, rng, bucket)
             if sample is not None:
                 samples.append(sample)
         if not samples:

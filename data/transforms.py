@@ -27,7 +27,12 @@ SKIP_REASONS: tuple[str, ...] = (
     "empty_member",
 )
 # Samples a configured filter dropped: counted, but not bad data, so not in the skip rate.
-FILTER_REASONS: tuple[str, ...] = ("filtered_small", "filtered_aspect", "filtered_score")
+FILTER_REASONS: tuple[str, ...] = (
+    "filtered_small",
+    "filtered_aspect",
+    "filtered_score",
+    "filtered_bucket",
+)
 ALL_REASONS = SKIP_REASONS + FILTER_REASONS
 MIN_SEEN_FOR_CHECK = 50
 

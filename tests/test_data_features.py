@@ -103,8 +103,11 @@ def test_metadata_filters_drop_and_count(tmp_path: Path) -> None:
     assert skipped == {"filtered_small": 1, "filtered_score": 3, "filtered_aspect": 1}
 
 
-def test_aspect_buckets_batch_one_shape(tmp_path: Path) -> None:
-    sizes = [(64, 32), (32, 64), (48, 48), (60, 30), (30, 60), (40, 40)] * 4
+@pytest.mark.parametrize("per_bucket", [(8, 8, 8), (7, 9, 8)])
+def test_aspect_buckets_batch_one_shape(tmp_path: Path, per_bucket: tuple[int, ...]) -> None:
+    # wide, tall and square images; (7, 9, 8) leaves batches that straddle two buckets.
+    kinds = [[(64, 32), (60, 30)], [(32, 64), (30, 60)], [(48, 48), (40, 40)]]
+    sizes = [kinds[b][i % 2] for b, n in enumerate(per_bucket) for i in range(n)]
     samples = [
         {"__key__": f"b{i:02d}", "png": _png(w, h), "txt": "x"} for i, (w, h) in enumerate(sizes)
     ]
@@ -112,7 +115,8 @@ def test_aspect_buckets_batch_one_shape(tmp_path: Path) -> None:
     buckets = AspectBuckets(16, step=4, max_ratio=2.0)
     assert buckets.sizes == [(12, 20), (16, 16), (20, 12)]  # (w, h), ~16^2 px, sides % 4
     batches = _all(_module(urls, batch_size=4, buckets=buckets, shuffle_buffer=24))
-    assert sum(len(b["key"]) for b in batches) == 24
+    assert sorted(k for b in batches for k in b["key"]) == sorted(s["__key__"] for s in samples)
+    moved = 0
     for b in batches:
         h, w = b["pixel_values"].shape[2:]
         assert (b["target_size"] == b["target_size"][0]).all()
@@ -120,8 +124,10 @@ def test_aspect_buckets_batch_one_shape(tmp_path: Path) -> None:
         for key, orig in zip(b["key"], b["original_size"].tolist(), strict=True):
             sw, sh = sizes[int(key[1:])]
             assert orig == [sh, sw]
-            assert buckets.size(sw, sh) == (w, h)
+            moved += buckets.size(sw, sh) != (w, h)
     assert {tuple(b["pixel_values"].shape[2:]) for b in batches} == {(12, 20), (20, 12), (16, 16)}
+    # Only batches at a bucket boundary hold samples of another bucket (resized to the batch's).
+    assert moved == (0 if per_bucket == (8, 8, 8) else 2)
 
 
 def test_resampled_mode_and_dataset_weights(tmp_path: Path) -> None:
@@ -195,3 +201,26 @@ def test_zero_byte_member_is_counted(tmp_path: Path) -> None:
     batches = _all(_module(urls, batch_size=2))
     assert [k for b in batches for k in b["key"]] == ["z0", "z1", "z3"]
     assert sum(b["skipped"]["empty_member"] for b in batches) == 1
+
+
+def test_latent_of_another_bucket_is_dropped_not_resized() -> None:
+    import random
+
+    import numpy as np
+
+    from data.decoders import LatentDecoder
+    from data.transforms import SkipCounter
+
+    def npy(shape: tuple[int, ...]) -> bytes:
+        buf = io.BytesIO()
+        np.save(buf, np.zeros(shape, np.float16), allow_pickle=False)
+        return buf.getvalue()
+
+    counter = SkipCounter(0.5, "test")
+    decoder = LatentDecoder(counter)
+    raw = {"__key__": "l0", "latent.npy": npy((8, 2, 4)), "emb.npy": npy((3, 5)), "txt": b"x"}
+    assert decoder.bucket_of(raw) == (8, 2, 4)
+    sample = decoder(raw, random.Random(0), (8, 2, 4))
+    assert sample["latent_moments"].shape == (8, 2, 4) and sample["caption"] == "x"
+    assert decoder(raw, random.Random(0), (8, 4, 2)) is None
+    assert counter.totals["filtered_bucket"] == 1
