@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from data.shapes import render, train_specs
 from data.shards import jpeg_bytes, write_shards
@@ -103,6 +104,12 @@ def test_exact_resume_after_sigkill(
     last = ckpts[-1]
     saved_step = int(last.stem.split("step=")[1])
     assert saved_step == kill_at // ckpt_every * ckpt_every
+    # The data position Lightning stored with the fit loop: epoch, batches consumed in it.
+    loops = torch.load(last, weights_only=True)["loops"]["fit_loop"]["state_dict"]
+    (position,) = loops["combined_loader"]
+    epoch, consumed = divmod(saved_step, 34)
+    assert (position["epoch"], position["consumed"]) == (epoch, consumed)
+    assert position["batches_per_worker"] == [(consumed + 1) // 2, consumed // 2]
     before = {rec["step"]: rec["keys"] for rec in _records(cut)}
     assert max(before) == kill_at - 1
 

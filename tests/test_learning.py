@@ -130,3 +130,20 @@ def test_autoencoder_export_sets_scaling_factor_to_one_over_latent_std(compose, 
     saved = module.vae.state_dict()
     for name, value in loaded.state_dict().items():
         assert torch.equal(value, saved[name]), name
+
+
+def test_autoencoder_starts_near_deterministic() -> None:
+    from diffusers import AutoencoderKL
+
+    from train.autoencoder_module import start_near_deterministic
+
+    torch.manual_seed(0)
+    kw = {"block_out_channels": [16], "norm_num_groups": 16}
+    vae = AutoencoderKL(
+        down_block_types=["DownEncoderBlock2D"], up_block_types=["UpDecoderBlock2D"], **kw
+    )
+    x = torch.rand(4, 3, 16, 16) * 2 - 1
+    before = vae.encode(x).latent_dist.std.mean()
+    start_near_deterministic(vae, -6.0)
+    after = vae.encode(x).latent_dist.std.mean()
+    assert before > 0.5 and 0.02 < after < 0.1  # exp(-6 / 2) = 0.05

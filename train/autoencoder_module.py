@@ -25,6 +25,16 @@ def reconstruction_loss(recon: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return F.l1_loss(recon, target) + F.mse_loss(recon, target)
 
 
+def start_near_deterministic(vae: AutoencoderKL, logvar: float) -> None:
+    """Start the posterior's log-variance at ``logvar`` (the bias of ``quant_conv``'s second
+    half). At diffusers' init the posterior std is about 1, as wide as the latents themselves:
+    the decoder then learns from noise-blurred codes and, in short runs, loses the colour of
+    small objects."""
+    channels = vae.config.latent_channels
+    with torch.no_grad():
+        vae.quant_conv.bias[channels:].fill_(logvar)
+
+
 class AutoencoderTraining(L.LightningModule):
     """Trains an AutoencoderKL and measures the latent std that sets `scaling_factor`."""
 
@@ -35,9 +45,12 @@ class AutoencoderTraining(L.LightningModule):
         lr_scheduler: SchedulerFactory | None = None,
         kl_weight: float = 1e-6,
         latent_std_momentum: float = 0.99,
+        init_logvar: float | None = None,
     ) -> None:
         super().__init__()
         self.vae = vae
+        if init_logvar is not None:
+            start_near_deterministic(vae, init_logvar)
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.kl_weight, self.momentum = kl_weight, latent_std_momentum
         # Running second moment of the latents: stage 2 needs unit-variance latents, and the
