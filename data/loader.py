@@ -65,9 +65,12 @@ class StatefulLoader(DataLoader):
 
     def state_dict(self) -> dict[str, Any]:
         s = self.stream
+        n = max(1, s.num_workers)
         return {
             "epoch": self._epoch,
             "consumed": self._consumed,
+            # Derived, for people reading checkpoints: batches each worker's range has given.
+            "batches_per_worker": [len(range(w, self._consumed, n)) for w in range(n)],
             "num_workers": self.stream.num_workers,
             "world_size": s.world_size,
             "num_shards": len(s.shards),
