@@ -47,7 +47,9 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        write_demo_shards(root / "data" / "shapes", num_samples=2000, samples_per_shard=500, size=64)
+        write_demo_shards(
+            root / "data" / "shapes", num_samples=2000, samples_per_shard=500, size=64
+        )
         base = compose(
             [
                 f"paths.root={root}",
