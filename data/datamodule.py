@@ -40,7 +40,6 @@ class _Limited:
         for i, batch in enumerate(self.loader):
             if i >= self.n:
                 break
-            batch.pop(POSITION_KEY, None)
             yield batch
 
 
@@ -99,8 +98,10 @@ class WebDatasetDataModule(L.LightningDataModule):
         super().__init__()
         # Resolved and counted here so a bad path fails before any model is built.
         self.shards, self.weights = _datasets(urls, datasets)
-        self.sizes = ShardSizes(sizes_cache, sizes_file)(self.shards)
+        count = ShardSizes(sizes_cache, sizes_file)
+        self.sizes = count(self.shards)
         self.val_shards = resolve_shards(val_urls) if val_urls is not None else None
+        self.val_sizes = count(self.val_shards) if self.val_shards is not None else None
         self.tokenizer = None if latents else tokenizer
         self.resolution, self.batch_size = resolution, batch_size
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
@@ -159,9 +160,8 @@ class WebDatasetDataModule(L.LightningDataModule):
         )
 
     def _rank_world(self) -> tuple[int, int]:
-        trainer = getattr(self, "trainer", None)
-        if trainer is not None:
-            return int(trainer.global_rank), int(trainer.world_size)
+        if self.trainer is not None:
+            return int(self.trainer.global_rank), int(self.trainer.world_size)
         return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
     def _epoch(self) -> int:
@@ -176,21 +176,19 @@ class WebDatasetDataModule(L.LightningDataModule):
                 f"each of {stream.slots} readers (ranks × data.num_workers); lower "
                 "data.batch_size or data.num_workers, or add shards"
             )
-        has_trainer = getattr(self, "trainer", None) is not None
         loader = StatefulLoader(
             stream,
             num_workers=self.num_workers,
-            epoch_fn=self._epoch if has_trainer else None,
+            epoch_fn=self._epoch if self.trainer is not None else None,
             prefetch_factor=self.prefetch_factor,
         )
         self._train_loader = loader
         return loader
 
     def val_dataloader(self) -> Any:
-        if self.val_shards is None:
+        if self.val_shards is None or self.val_sizes is None:
             return []
-        sizes = ShardSizes()(self.val_shards)
-        stream = self._stream(self.val_shards, sizes, train=False)
+        stream = self._stream(self.val_shards, self.val_sizes, train=False)
         # Not split by rank: every rank scores the same few batches, so none is left without
         # validation data (and a synced metric cannot hang).
         workers = min(self.num_workers, len(self.val_shards))
@@ -199,8 +197,7 @@ class WebDatasetDataModule(L.LightningDataModule):
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         position = batch.pop(POSITION_KEY, None) if isinstance(batch, dict) else None
-        trainer = getattr(self, "trainer", None)
-        training = trainer is not None and trainer.training
+        training = self.trainer is not None and self.trainer.training
         if position is not None and self._train_loader is not None and training:
             self._train_loader.mark_consumed(position)
         return batch
