@@ -128,12 +128,10 @@ def _stats_file(url: str) -> str:
 
 def _read_stats(url: str) -> int | None:
     stats = _stats_file(url)
-    if not stats:
-        return None
+    successes = _read_json_map(stats).get("successes") if stats else None
     try:
-        with fsspec.open(stats, "r") if is_remote(stats) else open(stats) as f:
-            return int(json.load(f)["successes"])
-    except (OSError, KeyError, ValueError, FileNotFoundError):
+        return int(successes) if successes is not None else None
+    except (TypeError, ValueError):
         return None
 
 
@@ -154,6 +152,7 @@ class ShardSizes:
         if sizes_file and not self.explicit:
             raise ValueError(f"data.sizes_file={sizes_file!r} is missing or not a JSON object")
         self._cache: dict[str, int] = {}
+        self._counted = False  # whether the cache gained counts since it was read
         if self.cache_file is not None and self.cache_file.exists():
             try:
                 self._cache = json.loads(self.cache_file.read_text())
@@ -193,15 +192,17 @@ class ShardSizes:
         cache_key = f"{os.path.abspath(url)}:{stat.st_size}:{int(stat.st_mtime)}"
         if cache_key not in self._cache:
             self._cache[cache_key] = count_tar_samples(url)
+            self._counted = True
         return self._cache[cache_key]
 
     def _save(self) -> None:
-        if self.cache_file is None or not self._cache:
+        if self.cache_file is None or not self._counted:
             return
         self.cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.cache_file.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps(self._cache))
         os.replace(tmp, self.cache_file)
+        self._counted = False
 
 
 def _read_sizes_json(folder: str) -> dict[str, Any]:
@@ -212,7 +213,7 @@ def _read_json_map(path: str) -> dict[str, Any]:
     try:
         with fsspec.open(path, "r") if is_remote(path) else open(path) as f:
             return dict(json.load(f))
-    except (OSError, ValueError, FileNotFoundError):
+    except (OSError, ValueError, TypeError):  # missing, unreadable, or not a JSON object
         return {}
 
 
