@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import random
+import warnings
 from typing import Any
 
 import numpy as np
@@ -17,11 +18,33 @@ import torch
 from PIL import Image
 
 from data.buckets import AspectBuckets, resize_crop
-from data.metadata import CaptionPicker, MetadataFilter, metadata_size
+from data.metadata import CaptionPicker, MetadataFilter, field, metadata_size
 from data.transforms import ImageTooLarge, SkipCounter, decode_image, to_tensor
 
 Raw = dict[str, Any]
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+
+
+def image_size(raw: Raw, image_keys: tuple[str, ...] = IMAGE_KEYS) -> tuple[int, int] | None:
+    """(w, h) of the original image: from the json, else from the image header (no pixel
+    decoding). Cached on the sample: filters, buckets and the decoder all ask."""
+    if "__size__" not in raw:
+        size = metadata_size(raw)
+        key = next((k for k in image_keys if k in raw), None)
+        if size is None and key is not None and raw[key]:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                try:
+                    size = Image.open(io.BytesIO(raw[key])).size
+                except Exception:  # unreadable header: the decoder counts it when decoding
+                    size = None
+        raw["__size__"] = size
+    return raw["__size__"]
+
+
+def caption_text(raw: Raw) -> str:
+    """The ``txt`` member, decoded and stripped (``""`` when absent)."""
+    return (field(raw, "txt") or "").strip()
 
 
 def _size_tensor(hw: tuple[int, int]) -> torch.Tensor:
@@ -59,15 +82,7 @@ class ImageDecoder:
         return next((k for k in self.image_keys if k in raw), None)
 
     def size_of(self, raw: Raw) -> tuple[int, int] | None:
-        """(w, h) from the json, else from the image header (no pixel decoding)."""
-        size = metadata_size(raw)
-        key = self._image_key(raw)
-        if size is None and key is not None and raw[key]:
-            try:
-                size = Image.open(io.BytesIO(raw[key])).size
-            except Exception:  # undecodable: the decoder counts it later
-                return None
-        return size
+        return image_size(raw, self.image_keys)
 
     def bucket_of(self, raw: Raw) -> int:
         size = self.size_of(raw) if self.buckets is not None else None
@@ -78,7 +93,7 @@ class ImageDecoder:
             return self.resolution, self.resolution
         return self.buckets.size(*size)
 
-    def _check(self, raw: Raw, key: str, rng: random.Random) -> tuple[str, str] | str:
+    def _check(self, raw: Raw, rng: random.Random) -> tuple[str, str] | str:
         """The image member and caption, or the skip reason."""
         image_key = self._image_key(raw)
         if image_key is None:
@@ -102,7 +117,7 @@ class ImageDecoder:
         """``bucket``: the index of the aspect bucket the batch uses (else the sample's own)."""
         key = str(raw.get("__key__", "?"))
         self.counter.see()
-        checked = self._check(raw, key, rng)
+        checked = self._check(raw, rng)
         if isinstance(checked, str):
             self.counter.skip(checked, key, f"members: {sorted(k for k in raw if k[0] != '_')}")
             return None
@@ -184,7 +199,7 @@ class LatentDecoder:
         except Exception as exn:
             self.counter.skip("decode_error", key, repr(exn))
             return None
-        caption = (raw.get("txt") or b"").decode("utf-8", errors="replace").strip()
+        caption = caption_text(raw)
         return {
             "latent_moments": moments,
             "encoder_hidden_states": hidden,

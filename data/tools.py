@@ -6,23 +6,19 @@ from __future__ import annotations
 import bisect
 import contextlib
 import functools
-import io
 import json
 import multiprocessing
 import random
-import warnings
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
 from tqdm import tqdm
 
-from data.decoders import IMAGE_KEYS
+from data.decoders import IMAGE_KEYS, caption_text, image_size
 from data.folder import update_sizes_file
-from data.metadata import metadata_size
 from data.sources import count_tar_samples, is_remote, iter_raw_samples, resolve_shards
 from data.transforms import SKIP_REASONS, ImageTooLarge, decode_image
 
@@ -59,25 +55,6 @@ def _percentiles(values: Counter) -> dict[str, int]:
     return out
 
 
-def _caption(raw: dict[str, Any]) -> str:
-    value = raw.get("txt") or b""
-    return value.decode("utf-8", errors="replace").strip()
-
-
-def _image_size(raw: dict[str, Any]) -> tuple[int, int] | None:
-    """(w, h) from the json, else from the image header (no pixel decoding)."""
-    size = metadata_size(raw)
-    key = next((k for k in IMAGE_KEYS if k in raw), None)
-    if size is None and key is not None and raw[key]:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            try:
-                size = Image.open(io.BytesIO(raw[key])).size
-            except Exception:  # unreadable header: counted as no_size
-                return None
-    return size
-
-
 class _Inspector:
     """Accumulates the statistics of the samples it is shown (memory independent of count)."""
 
@@ -98,14 +75,14 @@ class _Inspector:
     def add(self, raw: dict[str, Any]) -> None:
         self.inspected += 1
         self.members.update(k for k in raw if not k.startswith("__"))
-        size = _image_size(raw)
+        size = image_size(raw)
         if size is None or min(size) <= 0:
             self.no_size += 1
         else:
             self.widths[size[0]] += 1
             self.heights[size[1]] += 1
             self.aspects[size[0] / size[1]] += 1
-        caption = _caption(raw)
+        caption = caption_text(raw)
         self.words[len(caption.split())] += 1
         if not caption:
             self.no_caption += 1
@@ -223,7 +200,7 @@ def check_sample(raw: dict[str, Any], max_pixels: int) -> list[tuple[str, str]]:
             problems.append(("too_large", str(exn)))
         except Exception as exn:  # PIL raises many types for broken files
             problems.append(("decode_error", repr(exn)[:300]))
-    if not _caption(raw):
+    if not caption_text(raw):
         problems.append(("missing_caption", "no txt member" if "txt" not in raw else "empty txt"))
     if "json" in raw:
         if not raw["json"]:
