@@ -57,6 +57,7 @@ class LatentDiffusion(L.LightningModule):
         empty = text_encoder.tokenize([""])
         self.register_buffer("_empty_ids", empty["input_ids"], persistent=False)
         self.register_buffer("_empty_mask", empty["attention_mask"], persistent=False)
+        self._null_context: torch.Tensor | None = None  # see null_context()
 
     @property
     def tokenizer(self):
@@ -84,11 +85,18 @@ class LatentDiffusion(L.LightningModule):
         posterior = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
         return posterior.sample(generator=generator) * self.latent_scale
 
-    def drop_captions(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Replace a random subset of captions with the empty prompt (Ho & Salimans 2022, CFG)."""
+    def caption_drop_mask(self, n: int, device: torch.device) -> torch.Tensor | None:
+        """Which of ``n`` captions become the empty prompt (Ho & Salimans 2022, CFG); None
+        when none can (evaluation, or no dropout)."""
         if not self.training or self.caption_dropout <= 0:
+            return None
+        return torch.rand(n, device=device) < self.caption_dropout
+
+    def drop_captions(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Replace a random subset of captions with the empty prompt's tokens."""
+        drop = self.caption_drop_mask(ids.shape[0], ids.device)
+        if drop is None:
             return ids, mask
-        drop = torch.rand(ids.shape[0], device=ids.device) < self.caption_dropout
         ids = torch.where(drop[:, None], self._empty_ids.expand_as(ids), ids)
         mask = torch.where(drop[:, None], self._empty_mask.expand_as(mask), mask)
         return ids, mask
@@ -107,14 +115,14 @@ class LatentDiffusion(L.LightningModule):
             ids, mask = self.drop_captions(batch["input_ids"], batch["attention_mask"])
             return self.text_encoder(ids, mask)
         hidden = batch["encoder_hidden_states"].to(self.dtype)
-        if not self.training or self.caption_dropout <= 0:
+        drop = self.caption_drop_mask(hidden.shape[0], hidden.device)
+        if drop is None:
             return hidden
-        drop = torch.rand(hidden.shape[0], device=hidden.device) < self.caption_dropout
         return torch.where(drop[:, None, None], self.null_context().to(hidden.dtype), hidden)
 
     def null_context(self) -> torch.Tensor:
         """The empty prompt's hidden states [1, L, D], computed once."""
-        if getattr(self, "_null_context", None) is None:
+        if self._null_context is None:
             self._null_context = self.text_encoder(self._empty_ids, self._empty_mask)
         return self._null_context
 
