@@ -24,7 +24,8 @@ class DataHealthMonitor(L.Callback):
     def __init__(self, every_n_steps: int = 50) -> None:
         self.every_n_steps = max(1, every_n_steps)
         self.totals = dict.fromkeys(ALL_REASONS, 0)
-        self._saved_per_rank: list[list[int]] | None = None
+        # Every rank's skip totals, as of the last report or the loaded checkpoint.
+        self._per_rank: list[list[int]] | None = None
         self._reset_window()
         self._last_end: float | None = None
 
@@ -33,8 +34,8 @@ class DataHealthMonitor(L.Callback):
         self._window_start = time.perf_counter()
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._saved_per_rank is not None and trainer.global_rank < len(self._saved_per_rank):
-            row = self._saved_per_rank[trainer.global_rank]
+        if self._per_rank is not None and trainer.global_rank < len(self._per_rank):
+            row = self._per_rank[trainer.global_rank]
             self.totals = dict(zip(ALL_REASONS, row, strict=True))
         self._reset_window()
         self._last_end = None
@@ -84,10 +85,9 @@ class DataHealthMonitor(L.Callback):
             logger.log_metrics(metrics, step=trainer.global_step)
 
     def state_dict(self) -> dict[str, Any]:
-        # Every rank's totals (gathered at the last report): the checkpoint is rank 0's.
-        per_rank = getattr(self, "_per_rank", None)
-        return {"reasons": list(ALL_REASONS), "per_rank": per_rank}
+        # Every rank's totals, since the checkpoint is rank 0's.
+        return {"reasons": list(ALL_REASONS), "per_rank": self._per_rank}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("reasons") == list(ALL_REASONS) and state_dict.get("per_rank"):
-            self._saved_per_rank = state_dict["per_rank"]
+            self._per_rank = state_dict["per_rank"]
