@@ -56,10 +56,10 @@ def min_epoch_samples(sizes: list[int], weights: list[float]) -> int:
     return whole + sum(sorted(sizes[i] for i in fractional)[:k])
 
 
-def cut(order: list[int], sizes: list[int], slots: int) -> tuple[int, list[list[Segment]]]:
+def cut(order: list[int], sizes: list[int], slots: int) -> list[list[Segment]]:
     """Cut the concatenated samples of ``order`` into ``slots`` ranges of equal length.
 
-    Returns (samples per slot, segments per slot). The last ``total % slots`` samples are left
+    Returns the segments of each slot. The last ``total % slots`` samples are left
     out of this epoch; the next epoch's order is different, so they are not always the same.
     """
     total = sum(sizes[i] for i in order)
@@ -77,7 +77,7 @@ def cut(order: list[int], sizes: list[int], slots: int) -> tuple[int, list[list[
                 slot, need = slot + 1, length
         if slot >= slots:
             break
-    return length, plans
+    return plans
 
 
 def resampled(

@@ -83,7 +83,7 @@ class ShardStream(IterableDataset):
         if self.resampled:
             return plan.resampled(self.sizes, self.weights, self.seed, self.epoch, slot, length)
         order = plan.epoch_shards(self.weights, self.seed, self.epoch, self.shuffle)
-        _, per_slot = plan.cut(order, self.sizes, self.slots)
+        per_slot = plan.cut(order, self.sizes, self.slots)
         segments, kept = [], 0
         for seg in per_slot[slot]:  # the range may be longer than whole batches need
             take = min(seg.count, length - kept)
