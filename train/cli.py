@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import hydra
@@ -25,6 +26,15 @@ def _app(cfg: DictConfig) -> float | None:
     except ConfigError as e:
         print(f"Config error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def compose(overrides: Sequence[str]) -> DictConfig:
+    """`conf/train.yaml` composed with `overrides`, as `ldm-train` would (for tools and tests)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        return hydra_compose("train", overrides=list(overrides))
 
 
 def main() -> None:

@@ -16,7 +16,6 @@ import io
 import json
 import logging
 import os
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,18 +24,6 @@ import torch
 
 log = logging.getLogger(__name__)
 DTYPES = {"float16": np.float16, "float32": np.float32}
-
-
-def compose(overrides: Sequence[str]) -> Any:
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from train import config
-    from train.cli import CONFIG_DIR
-
-    config.register()
-    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-        return hydra_compose("train", overrides=list(overrides))
 
 
 def _npy(array: np.ndarray) -> bytes:
@@ -191,6 +178,8 @@ def encode(cfg: Any, out: Path, workers: int, batch_size: int, dtype: str) -> di
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    from train.cli import compose
+
     cfg = compose(args.overrides)
     sizes = encode(cfg, Path(args.out), args.workers, args.batch_size, args.dtype)
     print(f"encoded {sum(sizes.values())} samples in {len(sizes)} shards into {args.out}")
