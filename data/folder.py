@@ -22,7 +22,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from data.shards import write_shards
-from data.sources import count_tar_samples
+from data.sources import count_tar_samples, read_json_map
 
 IMAGE_SUFFIXES = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
 # The member name follows the bytes, not the file name: a PNG saved as .jpg is stored as KEY.png.
@@ -159,12 +159,7 @@ def _samples(
 def update_sizes_file(folder: str | Path, sizes: dict[str, int]) -> Path:
     """Merge ``sizes`` (shard file name -> samples) into ``folder/sizes.json``, atomically."""
     path = Path(folder) / SIZES_FILE
-    merged: dict[str, int] = {}
-    if path.exists():
-        try:
-            merged = dict(json.loads(path.read_text()))
-        except (ValueError, TypeError):
-            merged = {}  # unreadable: the counts given here replace it
+    merged = read_json_map(str(path))  # {} when absent or unreadable: these counts replace it
     merged.update(sizes)
     tmp = path.with_name(f".{SIZES_FILE}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(dict(sorted(merged.items())), indent=1) + "\n")

@@ -128,7 +128,7 @@ def _stats_file(url: str) -> str:
 
 def _read_stats(url: str) -> int | None:
     stats = _stats_file(url)
-    successes = _read_json_map(stats).get("successes") if stats else None
+    successes = read_json_map(stats).get("successes") if stats else None
     try:
         return int(successes) if successes is not None else None
     except (TypeError, ValueError):
@@ -148,7 +148,7 @@ class ShardSizes:
     ) -> None:
         self.cache_file = Path(cache_file) if cache_file else None
         # An explicit {url or file name: count} map: the way to count `pipe:` shards.
-        self.explicit: dict[str, Any] = _read_json_map(sizes_file) if sizes_file else {}
+        self.explicit: dict[str, Any] = read_json_map(sizes_file) if sizes_file else {}
         if sizes_file and not self.explicit:
             raise ValueError(f"data.sizes_file={sizes_file!r} is missing or not a JSON object")
         self._cache: dict[str, int] = {}
@@ -206,10 +206,10 @@ class ShardSizes:
 
 
 def _read_sizes_json(folder: str) -> dict[str, Any]:
-    return _read_json_map(f"{folder}/sizes.json" if folder else "sizes.json")
+    return read_json_map(f"{folder}/sizes.json" if folder else "sizes.json")
 
 
-def _read_json_map(path: str) -> dict[str, Any]:
+def read_json_map(path: str) -> dict[str, Any]:
     try:
         with fsspec.open(path, "r") if is_remote(path) else open(path) as f:
             return dict(json.load(f))

@@ -155,6 +155,7 @@ def _worker(job: tuple[Any, list[str], str, int, str, int, int]) -> dict[str, in
 
 def encode(cfg: Any, out: Path, workers: int, batch_size: int, dtype: str) -> dict[str, int]:
     """Encode every shard of ``cfg.data``; returns sample counts per output shard."""
+    from data.folder import update_sizes_file
     from data.sources import ShardSizes, resolve_shards
 
     shards = resolve_shards(cfg.data.urls)
@@ -173,7 +174,7 @@ def encode(cfg: Any, out: Path, workers: int, batch_size: int, dtype: str) -> di
             pool.map(_worker, jobs)
     names = [Path(u).name for u in shards]
     sizes = dict(zip(names, ShardSizes()([str(out / n) for n in names]), strict=True))
-    (out / "sizes.json").write_text(json.dumps(sizes, indent=1))
+    update_sizes_file(out, sizes)
     return sizes
 
 
