@@ -9,8 +9,9 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
-from train.export import export_checkpoint, load_checkpoint
+from train.export import export_checkpoint
 from train.run import run
+from train.sharding import load_any_checkpoint as load_checkpoint
 
 
 def tiny(compose, shards: Path, *overrides: str):

@@ -8,20 +8,52 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import grad_norm, rank_zero_only
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+from lightning.pytorch.utilities import grad_norm
 
+from train.ema import EMA
+from train.sharding import full_state_dict, is_sharded
 from train.tracking import log_artifact
 
 
 class GradNormMonitor(L.Callback):
-    """Logs the total L2 norm of the gradients before each optimizer step (before clipping)."""
+    """Logs the total L2 norm of the gradients (before clipping) as ``train/grad_norm``.
+
+    Under FSDP each rank holds a slice of the gradients, so the squares are summed over ranks;
+    DeepSpeed keeps gradients inside its engine and reports the norm it clipped with.
+    """
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        if trainer.global_step % max(trainer.log_every_n_steps, 1) == 0:
-            norms = grad_norm(pl_module, norm_type=2)
-            total = norms.get("grad_2.0_norm_total")
-            if total is not None:
-                pl_module.log("train/grad_norm", total)
+        if not self._due(trainer) or isinstance(trainer.strategy, DeepSpeedStrategy):
+            return
+        if isinstance(trainer.strategy, FSDPStrategy):
+            pl_module.log("train/grad_norm", sharded_grad_norm(pl_module))
+            return
+        total = grad_norm(pl_module, norm_type=2).get("grad_2.0_norm_total")
+        if total is not None:
+            pl_module.log("train/grad_norm", total)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if isinstance(trainer.strategy, DeepSpeedStrategy) and self._due(trainer, after=True):
+            norm = trainer.strategy.deepspeed_engine.get_global_grad_norm()
+            if norm is not None:
+                pl_module.log("train/grad_norm", float(norm))
+
+    @staticmethod
+    def _due(trainer, after: bool = False) -> bool:
+        step = trainer.global_step - (1 if after else 0)
+        return step % max(trainer.log_every_n_steps, 1) == 0
+
+
+def sharded_grad_norm(pl_module: L.LightningModule) -> torch.Tensor:
+    """L2 norm of gradients split into disjoint per-rank slices (FSDP)."""
+    squares = [
+        p.grad.detach().float().pow(2).sum() for p in pl_module.parameters() if p.grad is not None
+    ]
+    total = torch.stack(squares).sum() if squares else torch.zeros((), device=pl_module.device)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(total)
+    return total.sqrt()
 
 
 class SamplePreview(L.Callback):
@@ -66,11 +98,14 @@ class SamplePreview(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         self._write(trainer, pl_module, "final.png")
 
-    @rank_zero_only
     def _write(self, trainer, pl_module, name: str) -> None:
+        # Every rank enters: gathering sharded or EMA weights is a collective.
         if self._batch is None:
             return
-        grid = pl_module.preview(self._batch, self.prompts, **self.kwargs)
+        extra = output_weights(trainer, pl_module)
+        if not trainer.is_global_zero:
+            return
+        grid = pl_module.preview(self._batch, self.prompts, **self.kwargs, **extra)
         path = Path(trainer.default_root_dir) / self.dirname / name
         path.parent.mkdir(parents=True, exist_ok=True)
         grid.save(path)
@@ -79,17 +114,39 @@ class SamplePreview(L.Callback):
 
 
 class ExportOnTrainEnd(L.Callback):
-    """Exports the trained model (diffusers layout, safetensors) and logs it to MLflow."""
+    """Exports the trained model (diffusers layout, safetensors) and logs it to MLflow.
+
+    The weights are whole whatever the strategy (gathered from ZeRO-3/FSDP shards) and the EMA
+    ones when the EMA callback is on; only global rank 0 writes.
+    """
 
     def __init__(self, dirname: str = "export", log_to_mlflow: bool = True) -> None:
         self.dirname, self.log_to_mlflow = dirname, log_to_mlflow
         self.path: Path | None = None
 
-    @rank_zero_only
     def on_train_end(self, trainer, pl_module) -> None:
-        self.path = pl_module.export(Path(trainer.default_root_dir) / self.dirname)
+        extra = output_weights(trainer, pl_module)
+        if not trainer.is_global_zero:
+            return
+        self.path = pl_module.export(Path(trainer.default_root_dir) / self.dirname, **extra)
         if self.log_to_mlflow:
             log_artifact(trainer, self.path, self.dirname)
+
+
+def output_weights(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+    """Collective. The keyword arguments (``unet=``) that make a module's ``export``/``preview``
+    use whole weights: EMA when the EMA callback runs, gathered when sharded; empty where the
+    live module is whole already, on other ranks, and for modules without a UNet."""
+    if not hasattr(pl_module, "unet"):
+        return {}
+    ema = next((c for c in trainer.callbacks if isinstance(c, EMA)), None)
+    if ema is not None and ema.shadow is not None:
+        state = ema.full_unet_state(trainer, pl_module)
+    elif is_sharded(trainer.strategy):
+        state = full_state_dict(trainer, pl_module.unet)
+    else:
+        return {}
+    return {"unet": pl_module.unet_from_state(state)} if trainer.is_global_zero else {}
 
 
 class ConfigInCheckpoint(L.Callback):

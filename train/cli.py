@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,5 +38,16 @@ def compose(overrides: Sequence[str]) -> DictConfig:
         return hydra_compose("train", overrides=list(overrides))
 
 
+def launched_rank() -> int:
+    """Global rank given by an external launcher (torchrun / TorchElastic, SLURM's srun)."""
+    return int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
+
+
 def main() -> None:
+    # Every process of a torchrun or srun job runs this entry point with the same overrides,
+    # hence the same run directory. Only rank 0 writes the run's .hydra metadata; the others
+    # log to their own file (as Lightning's own launcher arranges for the processes it starts).
+    rank = launched_rank()
+    if rank > 0 and not any(a.startswith("hydra.output_subdir") for a in sys.argv):
+        sys.argv += ["hydra.output_subdir=null", f"hydra.job.name=ldm-train-rank{rank}"]
     _app()

@@ -13,6 +13,17 @@ from train.text import minilm_dir
 
 
 @dataclass
+class BatchSchema:
+    """`batch.*`: the global batch and how the learning rate follows it (train/batching.py)."""
+
+    global_size: int | None = None  # samples per optimizer step over all devices
+    max_per_device: int | None = None  # micro-batch cap (memory); more accumulation if needed
+    lr_scaling: str = "none"  # none | linear | sqrt, relative to reference_size
+    reference_size: int | None = None  # the global batch model.optimizer.lr was tuned for
+    derived: Any = None  # written by ldm-train: what the run actually used
+
+
+@dataclass
 class RunSchema:
     """Root keys of `conf/train.yaml`; components under them are checked by `config_check`."""
 
@@ -25,6 +36,7 @@ class RunSchema:
     data: Any = MISSING
     trainer: Any = MISSING
     strategy: Any = None
+    batch: BatchSchema = field(default_factory=BatchSchema)
     logger: Any = field(default_factory=dict)
     callbacks: Any = field(default_factory=dict)
     optimized_metric: str | None = None

@@ -1,46 +1,44 @@
-"""`ldm-export CKPT OUT`: a Lightning checkpoint -> diffusers-layout folder with safetensors."""
+"""`ldm-export CKPT OUT`: a checkpoint (file or sharded folder) -> diffusers-layout safetensors."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from train import config
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint without unpickling arbitrary objects (`weights_only=True`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    return torch.load(path, map_location="cpu", weights_only=True)
+from train.ema import ema_from_checkpoint
+from train.sharding import load_any_checkpoint
 
 
 def module_from_checkpoint(path: str | Path):
-    """Rebuild the LightningModule from the config stored in the checkpoint, then its weights."""
-    ckpt = load_checkpoint(path)
+    """Rebuild the LightningModule from the config stored in the checkpoint, then its weights.
+
+    Also returns the checkpoint's whole EMA UNet state (None without EMA). `path` may be a
+    .ckpt file or a sharded DeepSpeed / FSDP checkpoint folder.
+    """
+    ckpt = load_any_checkpoint(path)
     if "ldm_config" not in ckpt:
         raise ValueError(f"{path} has no 'ldm_config': it was not written by ldm-train")
     config.register()
     module = instantiate(OmegaConf.create(ckpt["ldm_config"]["model"]))
     result = module.load_state_dict(ckpt["state_dict"], strict=False)
-    frozen = getattr(module, "frozen_prefixes", ())
-    missing = [k for k in result.missing_keys if not k.startswith(frozen)]
-    if missing or result.unexpected_keys:
+    if result.missing_keys or result.unexpected_keys:
         raise ValueError(
-            f"{path} does not match the model its config builds: missing {missing[:5]}, "
-            f"unexpected {result.unexpected_keys[:5]}"
+            f"{path} does not match the model its config builds: missing "
+            f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
         )
-    return module
+    return module, ema_from_checkpoint(ckpt)
 
 
-def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> Path:
-    module = module_from_checkpoint(ckpt_path)
+def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, use_ema: bool = True) -> Path:
+    """Write the diffusers-layout export of a checkpoint: EMA weights when it has them."""
+    module, ema = module_from_checkpoint(ckpt_path)
     module.eval()
+    if use_ema and ema is not None:
+        return module.export(out_dir, unet=module.unet_from_state(ema))
     return module.export(out_dir)
 
 
@@ -48,6 +46,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="ldm-export", description=__doc__)
     parser.add_argument("checkpoint", help="a .ckpt written by ldm-train (e.g. .../last.ckpt)")
     parser.add_argument("out", help="output folder (replaced atomically if it exists)")
+    parser.add_argument(
+        "--no-ema", action="store_true", help="export the raw weights even if the run kept an EMA"
+    )
     args = parser.parse_args(argv)
-    out = export_checkpoint(args.checkpoint, args.out)
+    out = export_checkpoint(args.checkpoint, args.out, use_ema=not args.no_ema)
     print(f"exported {args.checkpoint} -> {out}")

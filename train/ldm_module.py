@@ -16,8 +16,11 @@ from diffusers import (
 )
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from PIL import Image
+from torch.distributed.fsdp import FullyShardedDataParallel
 
 from train import diffusion
+from train.flops import unet_train_flops
+from train.noise import SampleRNG, row_offset
 from train.text import FrozenTextEncoder
 from train.util import atomic_dir, image_grid
 
@@ -25,10 +28,15 @@ OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 
 
+class FrozenParts:
+    """A plain holder (not an nn.Module) for the frozen VAE and text encoder."""
+
+    def __init__(self, vae: AutoencoderKL, text_encoder: FrozenTextEncoder) -> None:
+        self.vae, self.text_encoder = vae, text_encoder
+
+
 class LatentDiffusion(L.LightningModule):
     """Frozen AutoencoderKL and text encoder, trainable UNet (Rombach et al. 2022)."""
-
-    frozen_prefixes = ("vae.", "text_encoder.")
 
     def __init__(
         self,
@@ -41,23 +49,51 @@ class LatentDiffusion(L.LightningModule):
         caption_dropout: float = 0.1,
         snr_gamma: float | None = None,
         gradient_checkpointing: bool = False,
+        noise_seed: int = 0,
     ) -> None:
         super().__init__()
         check_compatible(unet, vae, text_encoder)
-        self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
+        self.unet = unet
+        # The frozen parts are kept out of the module tree, so DDP, FSDP and DeepSpeed wrap,
+        # shard and checkpoint only what trains, and every rank holds a whole VAE and text
+        # encoder (ZeRO-3 would otherwise gather them on every forward). `_apply` moves them.
+        self._frozen = FrozenParts(vae, text_encoder)
         self.noise_scheduler = noise_scheduler
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.caption_dropout, self.snr_gamma = caption_dropout, snr_gamma
-        self.vae.requires_grad_(False)
-        self.vae.eval()
+        self.noise_seed = noise_seed
+        vae.requires_grad_(False).eval()
+        text_encoder.requires_grad_(False)
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
-        # Frozen weights come back from their own source at load time, so checkpoints stay small.
-        self.strict_loading = False
         empty = text_encoder.tokenize([""])
         self.register_buffer("_empty_ids", empty["input_ids"], persistent=False)
         self.register_buffer("_empty_mask", empty["attention_mask"], persistent=False)
         self._null_context: torch.Tensor | None = None  # see null_context()
+        self._flops: dict[tuple, int] = {}  # UNet train FLOPs per sample, by input shape
+        self.flops_per_batch: int | None = None
+
+    @property
+    def vae(self) -> AutoencoderKL:
+        return self._frozen.vae
+
+    @property
+    def text_encoder(self) -> FrozenTextEncoder:
+        return self._frozen.text_encoder
+
+    def _apply(self, fn, recurse: bool = True):
+        # .to()/.cuda()/.half() reach the unregistered frozen parts too.
+        super()._apply(fn, recurse)
+        if recurse:
+            self.vae._apply(fn)
+            self.text_encoder._apply(fn)
+        return self
+
+    def on_fit_start(self) -> None:
+        # FSDP moves only the parameters it wraps; the frozen parts follow the root device.
+        device = self.trainer.strategy.root_device
+        self.vae.to(device)
+        self.text_encoder.to(device)
 
     @property
     def tokenizer(self):
@@ -77,45 +113,35 @@ class LatentDiffusion(L.LightningModule):
         self.text_encoder.train(False)
         return self
 
-    @torch.no_grad()
-    def encode_images(
-        self, pixels: torch.Tensor, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """Pixels [B, 3, H, W] in [-1, 1] -> scaled latents [B, C, H/f, W/f]."""
-        posterior = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
-        return posterior.sample(generator=generator) * self.latent_scale
-
-    def caption_drop_mask(self, n: int, device: torch.device) -> torch.Tensor | None:
-        """Which of ``n`` captions become the empty prompt (Ho & Salimans 2022, CFG); None
-        when none can (evaluation, or no dropout)."""
+    def caption_drop_mask(self, rng: SampleRNG) -> torch.Tensor | None:
+        """Which captions become the empty prompt (Ho & Salimans 2022, CFG); None when none can
+        (evaluation, or no dropout)."""
         if not self.training or self.caption_dropout <= 0:
             return None
-        return torch.rand(n, device=device) < self.caption_dropout
+        return rng.rand() < self.caption_dropout
 
-    def drop_captions(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Replace a random subset of captions with the empty prompt's tokens."""
-        drop = self.caption_drop_mask(ids.shape[0], ids.device)
-        if drop is None:
-            return ids, mask
-        ids = torch.where(drop[:, None], self._empty_ids.expand_as(ids), ids)
-        mask = torch.where(drop[:, None], self._empty_mask.expand_as(mask), mask)
-        return ids, mask
+    def batch_latents(self, batch: dict, rng: SampleRNG) -> torch.Tensor:
+        """Scaled latents [B, C, h, w] sampled from the VAE posterior: precomputed moments when
+        the batch has them (``ldm-data encode`` shards), else by encoding ``pixel_values``."""
+        if "latent_moments" in batch:
+            posterior = DiagonalGaussianDistribution(batch["latent_moments"].to(self.vae.dtype))
+        else:
+            with torch.no_grad():
+                pixels = batch["pixel_values"].to(self.vae.dtype)
+                posterior = self.vae.encode(pixels).latent_dist
+        eps = rng.randn(tuple(posterior.mean.shape[1:]), posterior.mean.dtype)
+        return (posterior.mean + posterior.std * eps) * self.latent_scale
 
-    def batch_latents(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Scaled latents [B, C, h, w]: from precomputed posterior moments when the batch has
-        them (``ldm-data encode`` shards), else by encoding ``pixel_values``."""
-        if "latent_moments" not in batch:
-            return self.encode_images(batch["pixel_values"], generator)
-        posterior = DiagonalGaussianDistribution(batch["latent_moments"].to(self.vae.dtype))
-        return posterior.sample(generator=generator) * self.latent_scale
-
-    def batch_context(self, batch: dict) -> torch.Tensor:
+    def batch_context(self, batch: dict, rng: SampleRNG) -> torch.Tensor:
         """Text hidden states [B, L, D], with caption dropout, precomputed or encoded here."""
+        drop = self.caption_drop_mask(rng)
         if "encoder_hidden_states" not in batch:
-            ids, mask = self.drop_captions(batch["input_ids"], batch["attention_mask"])
+            ids, mask = batch["input_ids"], batch["attention_mask"]
+            if drop is not None:
+                ids = torch.where(drop[:, None], self._empty_ids.expand_as(ids), ids)
+                mask = torch.where(drop[:, None], self._empty_mask.expand_as(mask), mask)
             return self.text_encoder(ids, mask)
         hidden = batch["encoder_hidden_states"].to(self.dtype)
-        drop = self.caption_drop_mask(hidden.shape[0], hidden.device)
         if drop is None:
             return hidden
         return torch.where(drop[:, None, None], self.null_context().to(hidden.dtype), hidden)
@@ -126,45 +152,94 @@ class LatentDiffusion(L.LightningModule):
             self._null_context = self.text_encoder(self._empty_ids, self._empty_mask)
         return self._null_context
 
-    def diffusion_step(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
-        x0 = self.batch_latents(batch, generator)
-        context = self.batch_context(batch)  # [B, L, D]
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        t = diffusion.sample_timesteps(self.noise_scheduler, x0.shape[0], x0.device, generator)
+    def diffusion_step(self, batch: dict, rng: SampleRNG) -> torch.Tensor:
+        """The denoising loss of one micro-batch; every random draw comes from ``rng``."""
+        x0 = self.batch_latents(batch, rng)
+        context = self.batch_context(batch, rng)  # [B, L, D]
+        noise = rng.randn(tuple(x0.shape[1:]), x0.dtype)
+        t = rng.randint(self.noise_scheduler.config.num_train_timesteps)
         x_t = diffusion.noisy_latents(self.noise_scheduler, x0, noise, t)
         target = diffusion.training_target(self.noise_scheduler, x0, noise, t)
         prediction = self.unet(x_t, t, encoder_hidden_states=context).sample
         weights = diffusion.min_snr_weights(self.noise_scheduler, t, self.snr_gamma)
         return diffusion.diffusion_loss(prediction, target, weights)
 
+    def training_rng(self, batch_size: int, batch_idx: int) -> SampleRNG:
+        """Draws for this micro-batch keyed by (seed, step, row in the global batch)."""
+        trainer = self.trainer
+        first = row_offset(
+            trainer.global_rank,
+            trainer.world_size,
+            batch_idx % trainer.accumulate_grad_batches,
+            batch_size,
+        )
+        return SampleRNG.for_rows(
+            self.noise_seed, trainer.global_step, first, batch_size, self.device
+        )
+
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        # Lightning's ThroughputMonitor reads `flops_per_batch` for its MFU metric.
+        n = len(batch["key"])
+        if "latent_moments" in batch:
+            c, h, w = batch["latent_moments"].shape[1:]
+            latent = (c // 2, h, w)
+        else:
+            f = vae_scale_factor(self.vae)
+            h, w = batch["pixel_values"].shape[2:]
+            latent = (self.unet.config.in_channels, h // f, w // f)
+        key = (latent, self.text_encoder.max_length)
+        if key not in self._flops:
+            context = (self.text_encoder.max_length, self.text_encoder.hidden_size)
+            self._flops[key] = unet_train_flops(self.unet, latent, context)
+        self.flops_per_batch = self._flops[key] * n
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.diffusion_step(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["key"]))
+        n = len(batch["key"])
+        loss = self.diffusion_step(batch, self.training_rng(n, batch_idx))
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        # Fixed noise and timesteps per batch so validation loss is comparable across steps.
-        generator = torch.Generator(device=self.device).manual_seed(batch_idx)
-        loss = self.diffusion_step(batch, generator)
-        self.log("val/loss", loss, prog_bar=True, batch_size=len(batch["key"]))
+        # Fixed draws per batch so validation loss is comparable across steps.
+        n = len(batch["key"])
+        rng = SampleRNG.for_rows(self.noise_seed, -1 - batch_idx, 0, n, self.device)
+        loss = self.diffusion_step(batch, rng)
+        self.log("val/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
         return loss
+
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ) -> None:
+        model = self.trainer.strategy.model
+        if gradient_clip_val and isinstance(model, FullyShardedDataParallel):
+            if gradient_clip_algorithm not in (None, "norm"):
+                raise ValueError("under FSDP only trainer.gradient_clip_algorithm=norm works")
+            # Lightning's FSDP plugin refuses norm clipping; FSDP's own sums over all shards.
+            model.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self):
         params = [p for p in self.unet.parameters() if p.requires_grad]
         return optimizer_config(params, self.optimizer_factory, self.lr_scheduler_factory)
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith(self.frozen_prefixes)]:
-            del state[key]
+    def unet_from_state(self, state: dict[str, torch.Tensor]) -> UNet2DConditionModel:
+        """A plain UNet of this module's architecture holding ``state`` (e.g. gathered from
+        shards, or EMA weights), on this module's device."""
+        unet = UNet2DConditionModel.from_config(self.unet.config)
+        unet.load_state_dict(state, strict=True)
+        return unet.to(device=self.vae.device, dtype=self.vae.dtype).eval()
 
-    def pipeline(self, scheduler=None) -> StableDiffusionPipeline:
-        """The diffusers pipeline over this module's components (shared, not copied)."""
+    def pipeline(
+        self, scheduler=None, unet: UNet2DConditionModel | None = None
+    ) -> StableDiffusionPipeline:
+        """The diffusers pipeline over this module's components (shared, not copied); ``unet``
+        replaces the trained one (gathered or EMA weights)."""
         pipe = StableDiffusionPipeline(
             vae=self.vae,
             text_encoder=self.text_encoder.model,
             tokenizer=self.text_encoder.tokenizer,
-            unet=self.unet,
+            unet=unet if unet is not None else self.unet,
             scheduler=scheduler or DDIMScheduler.from_config(self.noise_scheduler.config),
             safety_checker=None,
             feature_extractor=None,
@@ -181,13 +256,14 @@ class LatentDiffusion(L.LightningModule):
         seed: int = 0,
         num_inference_steps: int = 25,
         guidance_scale: float = 4.0,
+        unet: UNet2DConditionModel | None = None,
     ) -> Image.Image:
         """A grid of samples for `prompts` (or the batch's captions) from diffusers' pipeline."""
         prompts = prompts or list(batch["caption"])[:8]
         was_training = self.unet.training
         self.unet.eval()
         try:
-            images = self.pipeline()(
+            images = self.pipeline(unet=unet)(
                 prompts,
                 num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale,
@@ -198,11 +274,12 @@ class LatentDiffusion(L.LightningModule):
             self.unet.train(was_training)
         return image_grid(images)
 
-    def export(self, out_dir: str | Path) -> Path:
-        """Write a diffusers-layout folder (safetensors); replaces `out_dir` atomically."""
+    def export(self, out_dir: str | Path, unet: UNet2DConditionModel | None = None) -> Path:
+        """Write a diffusers-layout folder (safetensors); replaces `out_dir` atomically.
+        ``unet``: the weights to write instead of the live ones (gathered shards, EMA)."""
         scheduler = DDPMScheduler.from_config(self.noise_scheduler.config)
         with atomic_dir(out_dir) as tmp:
-            self.pipeline(scheduler).save_pretrained(tmp, safe_serialization=True)
+            self.pipeline(scheduler, unet).save_pretrained(tmp, safe_serialization=True)
         return Path(out_dir)
 
 

@@ -10,8 +10,9 @@ import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import Logger, MLFlowLogger
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
+from train.batching import BatchPlan, plan_batch, scaled_lr
 from train.callbacks import ConfigInCheckpoint, ExportOnTrainEnd, SamplePreview
 from train.config_check import ConfigError, check_config
 from train.tracking import describe_run, flatten_for_params, run_tags
@@ -27,20 +28,23 @@ def run(cfg: DictConfig) -> float | None:
     check_fresh_start(run_dir, cfg.ckpt_path)
     L.seed_everything(cfg.seed, workers=True)
 
-    datamodule = instantiate(cfg.data)  # cheap, and fails fast on bad shard patterns
-    module = instantiate(cfg.model)
-    check_resolution(datamodule, module)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
     loggers = build_loggers(cfg.logger, run_dir, resuming=cfg.ckpt_path is not None)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     if not loggers:
         # logger=none: LearningRateMonitor refuses a Trainer without loggers (nowhere to log).
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    callbacks.append(ConfigInCheckpoint(resolved))
     strategy = instantiate(cfg.strategy) if cfg.strategy is not None else "auto"
     trainer: L.Trainer = instantiate(
         cfg.trainer, logger=loggers or False, callbacks=callbacks, strategy=strategy
     )
+    plan = apply_batch_plan(cfg, trainer)  # needs the world size, known once the Trainer is
+    datamodule = instantiate(cfg.data)  # cheap, and fails fast on bad shard patterns
+    module = instantiate(cfg.model)
+    check_resolution(datamodule, module)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    trainer.callbacks.append(ConfigInCheckpoint(resolved))
+    if trainer.is_global_zero:
+        print(f"{plan.describe()}; lr {cfg.model.optimizer.lr:g}", flush=True)
     log_params(loggers, resolved, resuming=cfg.ckpt_path is not None)
     remember_run_ids(trainer, run_dir)
 
@@ -52,6 +56,35 @@ def run(cfg: DictConfig) -> float | None:
     if metric and metric in trainer.callback_metrics:
         return float(trainer.callback_metrics[metric])
     return None
+
+
+def apply_batch_plan(cfg: DictConfig, trainer: L.Trainer) -> BatchPlan:
+    """Derive micro-batch and accumulation from `batch.global_size` and the world size, scale
+    the learning rate if `batch.lr_scaling` says so, and write both back into `cfg` (so the
+    logged params and the checkpoint's config are what actually ran)."""
+    b = cfg.batch
+    accumulation = int(cfg.trainer.accumulate_grad_batches or 1)
+    if b.global_size is not None and accumulation != 1:
+        raise ConfigError(
+            f"batch.global_size={b.global_size} derives gradient accumulation itself; remove "
+            f"trainer.accumulate_grad_batches={accumulation}"
+        )
+    plan = plan_batch(
+        b.global_size, trainer.world_size, b.max_per_device, cfg.data.batch_size, accumulation
+    )
+    trainer.accumulate_grad_batches = plan.accumulation
+    lr = scaled_lr(cfg.model.optimizer.lr, b.lr_scaling, plan.global_size, b.reference_size)
+    with open_dict(cfg):
+        cfg.data.batch_size = plan.per_device
+        cfg.trainer.accumulate_grad_batches = plan.accumulation
+        cfg.model.optimizer.lr = lr
+        cfg.batch.derived = {
+            "global_size": plan.global_size,
+            "per_device": plan.per_device,
+            "accumulation": plan.accumulation,
+            "world_size": plan.world_size,
+        }
+    return plan
 
 
 def check_fresh_start(run_dir: Path, ckpt_path: str | None) -> None:
