@@ -21,6 +21,7 @@ from hydra.utils import instantiate
 from data.shards import write_demo_shards
 from train.cli import compose
 from train.encode import encode
+from train.noise import SampleRNG
 
 
 def train_rate(cfg, data_overrides: dict, steps: int) -> float:
@@ -31,7 +32,7 @@ def train_rate(cfg, data_overrides: dict, steps: int) -> float:
     for i, batch in enumerate(loader):
         if i == 3:  # after warm-up
             samples, start = 0, time.perf_counter()
-        loss = module.diffusion_step(batch)
+        loss = module.diffusion_step(batch, SampleRNG.for_rows(0, i, 0, len(batch["key"]), "cpu"))
         loss.backward()
         opt.step()
         opt.zero_grad()

@@ -24,6 +24,7 @@ from PIL import Image
 
 from data.datamodule import WebDatasetDataModule
 from data.shards import write_demo_shards, write_shards
+from train.noise import SampleRNG
 
 
 def photo_like(rng: np.random.Generator, width: int, height: int) -> Image.Image:
@@ -128,7 +129,7 @@ def demo_training_rate(shards: str, steps: int = 20) -> tuple[float, int]:
     module.train()
 
     def step() -> None:
-        loss = module.diffusion_step(batch)
+        loss = module.diffusion_step(batch, SampleRNG.for_rows(0, 0, 0, len(batch["key"]), "cpu"))
         loss.backward()
         opt.step()
         opt.zero_grad()

@@ -10,6 +10,8 @@ import torch
 from diffusers import AutoencoderKL
 from hydra.utils import instantiate
 
+from train.noise import SampleRNG
+
 STEPS = 12  # the loss falls to well under half of its start within ~10 steps on CPU
 AE_OVERRIDES = ("experiment=tiny", "model=autoencoder", "~model.unet")  # tiny sets model.unet.*
 
@@ -44,16 +46,18 @@ def train_steps(module, loss_fn, steps: int = STEPS) -> list[float]:
 
 
 def test_seeded_diffusion_step_is_reproducible(compose, demo_shards):
-    """A generator fixes everything random in a step (latent sample, noise, timesteps), which is
-    what makes validation loss comparable across steps."""
+    """Per-sample generators fix everything random in a step (latent sample, noise, timesteps),
+    which makes validation loss comparable across steps and training independent of how the
+    global batch is split over devices."""
     cfg = compose("experiment=tiny", f"data.urls={demo_shards}")
     module = instantiate(cfg.model).eval()
     batch = first_batch(cfg)
     with torch.no_grad():
-        a = module.diffusion_step(batch, torch.Generator().manual_seed(0))
+        n = len(batch["key"])
+        a = module.diffusion_step(batch, SampleRNG.for_rows(0, 0, 0, n, "cpu"))
         torch.rand(100)  # the global RNG moving on must not matter
-        b = module.diffusion_step(batch, torch.Generator().manual_seed(0))
-        c = module.diffusion_step(batch, torch.Generator().manual_seed(1))
+        b = module.diffusion_step(batch, SampleRNG.for_rows(0, 0, 0, n, "cpu"))
+        c = module.diffusion_step(batch, SampleRNG.for_rows(0, 1, 0, n, "cpu"))
     assert a.item() == b.item()
     assert a.item() != c.item()
 
@@ -69,8 +73,8 @@ def test_diffusion_loss_drops_on_a_fixed_batch(compose, demo_shards):
     text_before = {k: v.clone() for k, v in module.text_encoder.state_dict().items()}
 
     def loss_fn():
-        # A fresh generator with the same seed: the same noise and timesteps every step.
-        return module.diffusion_step(batch, torch.Generator().manual_seed(0))
+        # Fresh generators with the same seeds: the same noise and timesteps every step.
+        return module.diffusion_step(batch, SampleRNG.for_rows(0, 0, 0, len(batch["key"]), "cpu"))
 
     losses = train_steps(module, loss_fn)
     with torch.no_grad():
