@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,6 +11,7 @@ from omegaconf import DictConfig
 
 from train import config
 from train.config_check import ConfigError
+from train.util import launched_rank
 
 config.register()
 # The repo's conf/ (editable install); add your own with --config-dir or hydra.searchpath.
@@ -36,11 +36,6 @@ def compose(overrides: Sequence[str]) -> DictConfig:
 
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
         return hydra_compose("train", overrides=list(overrides))
-
-
-def launched_rank() -> int:
-    """Global rank given by an external launcher (torchrun / TorchElastic, SLURM's srun)."""
-    return int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
 
 
 def main() -> None:

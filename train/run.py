@@ -16,6 +16,7 @@ from train.batching import BatchPlan, plan_batch, scaled_lr
 from train.callbacks import ConfigInCheckpoint, ExportOnTrainEnd, SamplePreview
 from train.config_check import ConfigError, check_config
 from train.tracking import describe_run, flatten_for_params, run_tags
+from train.util import launched_rank
 
 log = logging.getLogger(__name__)
 RUN_ID_FILE = "mlflow_run_id"
@@ -115,6 +116,10 @@ def build_loggers(cfg: DictConfig, run_dir: Path, resuming: bool) -> list[Logger
             continue
         extra: dict[str, Any] = {}
         if node._target_.endswith("MLFlowLogger"):
+            if launched_rank() > 0:
+                # Only rank 0 logs; building the logger on every rank of a torchrun/srun job
+                # would have all of them create the tracking store at once (sqlite races).
+                continue
             extra["tags"] = {**run_tags(), **(node.get("tags") or {})}
             id_file = run_dir / RUN_ID_FILE
             if resuming and id_file.exists():

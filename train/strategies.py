@@ -27,6 +27,7 @@ class DeepSpeedStrategy(_LightningDeepSpeed):
 
     def setup_environment(self) -> None:
         if self._on_cpu:
+            _use_deepspeed_cpu_accelerator()
             DDPStrategy.setup_environment(self)
         else:
             super().setup_environment()
@@ -51,6 +52,15 @@ class DeepSpeedStrategy(_LightningDeepSpeed):
         datamodule = self.lightning_module.trainer.datamodule
         size = getattr(datamodule, "batch_size", None)
         return int(size) if size else super()._auto_select_batch_size()
+
+
+def _use_deepspeed_cpu_accelerator() -> None:
+    # DeepSpeed picks CUDA wherever it sees a GPU, even for a run configured for CPU.
+    from deepspeed.accelerator import get_accelerator, set_accelerator
+    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+    if get_accelerator().device_name() != "cpu":
+        set_accelerator(CPU_Accelerator())
 
 
 class FSDPStrategy(_LightningFSDP):

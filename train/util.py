@@ -1,9 +1,10 @@
-"""Small helpers shared by the modules: atomic output folders and image grids."""
+"""Small helpers shared by the modules: atomic output folders, image grids, launcher rank."""
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -45,3 +46,9 @@ def image_grid(images: Sequence[Image.Image], cols: int | None = None) -> Image.
     for i, img in enumerate(images):
         grid.paste(img.convert("RGB"), ((i % cols) * w, (i // cols) * h))
     return grid
+
+
+def launched_rank() -> int:
+    """Global rank given by an external launcher (torchrun / TorchElastic, SLURM's srun); 0
+    where there is none (a single process, or Lightning's launcher before it starts ranks)."""
+    return int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)

@@ -1,0 +1,203 @@
+"""Scale-out on CPU processes (gloo): DDP, FSDP and DeepSpeed ZeRO-2/3 train, checkpoint,
+resume and export what one process with the same global batch and seed exports.
+
+Every run is `ldm-train` itself with two processes (Lightning's launcher, or torchrun for the
+two-"node" run). The optimizer is SGD with momentum: Adam's g / sqrt(v) turns float rounding
+in near-zero gradients (which differs with the reduction order of each strategy) into
+update-sized differences (~1e-4 after 4 steps), while SGD keeps them at rounding level, so the
+comparison can be tight enough to catch a wrong gradient, batch split, EMA or noise draw.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+LDM_TRAIN = str(Path(sys.executable).parent / "ldm-train")
+LDM_EXPORT = str(Path(sys.executable).parent / "ldm-export")
+UNET = "unet/diffusion_pytorch_model.safetensors"
+STEPS = 4
+
+
+def common(shards: Path) -> list[str]:
+    return [
+        "experiment=tiny",
+        f"data.urls={shards}",
+        "logger=none",
+        "batch.global_size=8",
+        f"trainer.max_steps={STEPS}",
+        "model.optimizer._target_=torch.optim.SGD",
+        "model.optimizer.lr=0.1",
+        "+model.optimizer.momentum=0.9",
+        "callbacks.samples=null",
+        "callbacks/ema=default",
+        "callbacks.ema.decay=0.5",  # far from the raw weights after 4 steps (asserted below)
+    ]
+
+
+def ldm_train(root: Path, *overrides: str, launcher: list[str] | None = None):
+    env = os.environ | {"LDM_OUTPUT_DIR": str(root), "OMP_NUM_THREADS": "1"}
+    cmd = [*(launcher or []), LDM_TRAIN, *overrides]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def max_diff(a_dir: Path, b_dir: Path) -> float:
+    a, b = load_file(a_dir / UNET), load_file(b_dir / UNET)
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def reference(demo_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One process, the same global batch of 8: two micro-batches of 4 (accumulation), read by
+    two loader workers, which cut the sample stream like two ranks with one reader each."""
+    root = tmp_path_factory.mktemp("single")
+    out = ldm_train(
+        root,
+        *common(demo_shards),
+        "trainer.devices=1",
+        "data.num_workers=2",
+        "batch.max_per_device=4",
+        "run_name=single",
+    )
+    assert "global batch 8 = 4 per device x 1 devices x 2 accumulation steps" in out.stdout
+    run = root / "runs" / "single"
+    subprocess.run([LDM_EXPORT, "--no-ema", str(run / "checkpoints/last.ckpt"), str(run / "raw")])
+    return {"ema": run / "export", "raw": run / "raw"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "deepspeed_zero2", "deepspeed_zero3", "fsdp"])
+def test_two_processes_train_resume_and_export_like_one(
+    strategy: str, demo_shards: Path, reference: dict[str, Path], tmp_path: Path
+) -> None:
+    # EMA and raw weights must differ, or the comparisons below could not tell them apart.
+    assert max_diff(reference["ema"], reference["raw"]) > 1e-3
+    args = [*common(demo_shards), "trainer.devices=2", f"strategy={strategy}", "run_name=r"]
+    # Stop at step 2 (as a preempted job would), then resume to step 4 from the checkpoint.
+    first = ldm_train(tmp_path, *args, "trainer.max_steps=2")
+    assert "global batch 8 = 4 per device x 2 devices x 1 accumulation steps" in first.stdout
+    run = tmp_path / "runs" / "r"
+    last = run / "checkpoints" / "last.ckpt"
+    if strategy.startswith("deepspeed"):  # sharded: a folder, one state file per rank
+        assert (last / "checkpoint").is_dir() and (last / "latest").is_file()
+    elif strategy == "fsdp":
+        assert {"__0_0.distcp", "__1_0.distcp", "meta.pt"} <= {p.name for p in last.iterdir()}
+    ldm_train(tmp_path, *args, "ckpt_path=last")
+
+    # The export written at the end of training holds the EMA weights, gathered from shards.
+    assert max_diff(run / "export", reference["ema"]) < 1e-6
+    # ldm-export consolidates the sharded checkpoint to the same files, EMA or raw.
+    for flag, ref in (([], "ema"), (["--no-ema"], "raw")):
+        out = run / f"offline-{ref}"
+        subprocess.run([LDM_EXPORT, *flag, str(last), str(out)], check=True, capture_output=True)
+        assert max_diff(out, reference[ref]) < 1e-6, ref
+
+
+def wait_all(procs: list[subprocess.Popen], timeout: float) -> None:
+    """Wait for every process; once one fails (or time runs out) stop the others by PID, as a
+    peer left alone would wait at the rendezvous until its own timeout."""
+    deadline = time.monotonic() + timeout
+    while any(p.poll() is None for p in procs):
+        failed = any(p.poll() not in (None, 0) for p in procs)
+        if failed or time.monotonic() > deadline:
+            for p in procs:
+                if p.poll() is None:
+                    os.kill(p.pid, signal.SIGKILL)
+            break
+        time.sleep(0.5)
+    for p in procs:
+        p.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_through_torchrun_rendezvous(
+    demo_shards: Path, reference: dict[str, Path], tmp_path: Path
+) -> None:
+    """trainer.num_nodes=2: two torchrun agents (one per "node", one process each) meet at a
+    c10d rendezvous on 127.0.0.1, as Kubernetes pods do; one run dir, one MLflow run."""
+    port = _free_port()
+    torchrun = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+        "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=twonodes",
+    ]  # fmt: skip
+    args = [
+        *[a for a in common(demo_shards) if a != "logger=none"],
+        "trainer.num_nodes=2",
+        "trainer.devices=1",
+        "strategy=ddp",
+        "run_name=nodes",
+    ]
+    env = os.environ | {"LDM_OUTPUT_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    logs = [(tmp_path / f"node{i}.out", tmp_path / f"node{i}.err") for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [*torchrun, LDM_TRAIN, *args], env=env, stdout=o.open("w"), stderr=e.open("w")
+        )
+        for o, e in logs
+    ]
+    wait_all(procs, timeout=600)
+    outs = [(o.read_text(), e.read_text()) for o, e in logs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-5000:]
+    assert sum("global batch 8 = 4 per device x 2 devices" in o for o, _ in outs) == 1
+
+    run = tmp_path / "runs" / "nodes"
+    assert max_diff(run / "export", reference["ema"]) < 1e-6
+    # Rank 0 alone wrote the run's metadata; rank 1 logged to its own file.
+    assert (run / ".hydra" / "config.yaml").is_file()
+    assert (run / "ldm-train-rank1.log").is_file()
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["nodes"]  # no per-rank dirs
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.get_experiment_by_name("tiny")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1, "both nodes log into one MLflow run"
+    params = runs[0].data.params
+    assert params["batch/derived/world_size"] == "2"
+    assert params["trainer/num_nodes"] == "2"
+    assert "export" in {a.path for a in client.list_artifacts(runs[0].info.run_id)}
+
+
+def test_a_global_batch_that_does_not_split_fails_before_training(
+    demo_shards: Path, tmp_path: Path
+) -> None:
+    env = os.environ | {"LDM_OUTPUT_DIR": str(tmp_path)}
+    cmd = [LDM_TRAIN, "experiment=tiny", f"data.urls={demo_shards}", "logger=none"]
+    cmd += ["trainer.devices=2", "strategy=ddp", "batch.global_size=9"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "batch.global_size=9 does not split evenly over 2 devices" in proc.stderr
+    assert "use a multiple of 2, e.g. 8 or 10" in proc.stderr
+    assert not (tmp_path / "runs" / "tiny" / "checkpoints").exists()
+
+
+def test_zero3_partition_round_trip() -> None:
+    """How ZeRO-3 slices a parameter (flat, zero-padded, equal pieces in rank order): what
+    offline export of EMA shards relies on."""
+    from train.sharding import zero3_partition, zero3_unpartition
+
+    whole = torch.arange(10.0).reshape(2, 5)
+    shards = [zero3_partition(whole, r, 4) for r in range(3)]  # 12 slots, 2 padding zeros
+    assert [s.tolist() for s in shards] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 0, 0]]
+    assert torch.equal(zero3_unpartition(shards, [2, 5]), whole)
