@@ -14,17 +14,21 @@ from lightning.fabric.utilities.throughput import measure_flops
 
 
 def unet_train_flops(
-    unet: UNet2DConditionModel, latent_shape: tuple[int, ...], context_shape: tuple[int, ...]
+    unet: UNet2DConditionModel,
+    batch_size: int,
+    latent_shape: tuple[int, ...],
+    context_shape: tuple[int, ...],
 ) -> int:
-    """FLOPs of one training step's UNet forward + backward for one sample.
+    """FLOPs of the UNet's forward + backward on one micro-batch (not quite linear in the
+    batch size, so counted for the batch size used).
 
     latent_shape: [C, h, w]; context_shape: [L, D] (text hidden states).
     """
     with torch.device("meta"):
         model = UNet2DConditionModel.from_config(unet.config)
-        x = torch.empty(1, *latent_shape)
-        t = torch.zeros(1, dtype=torch.long)
-        context = torch.empty(1, *context_shape)
+        x = torch.empty(batch_size, *latent_shape)
+        t = torch.zeros(batch_size, dtype=torch.long)
+        context = torch.empty(batch_size, *context_shape)
     return measure_flops(
         model,
         lambda: model(x, t, encoder_hidden_states=context).sample,

@@ -70,7 +70,7 @@ class LatentDiffusion(L.LightningModule):
         self.register_buffer("_empty_ids", empty["input_ids"], persistent=False)
         self.register_buffer("_empty_mask", empty["attention_mask"], persistent=False)
         self._null_context: torch.Tensor | None = None  # see null_context()
-        self._flops: dict[tuple, int] = {}  # UNet train FLOPs per sample, by input shape
+        self._flops: dict[tuple, int] = {}  # UNet train FLOPs by micro-batch shape
         self.flops_per_batch: int | None = None
 
     @property
@@ -187,11 +187,11 @@ class LatentDiffusion(L.LightningModule):
             f = vae_scale_factor(self.vae)
             h, w = batch["pixel_values"].shape[2:]
             latent = (self.unet.config.in_channels, h // f, w // f)
-        key = (latent, self.text_encoder.max_length)
+        key = (n, latent)
         if key not in self._flops:
             context = (self.text_encoder.max_length, self.text_encoder.hidden_size)
-            self._flops[key] = unet_train_flops(self.unet, latent, context)
-        self.flops_per_batch = self._flops[key] * n
+            self._flops[key] = unet_train_flops(self.unet, n, latent, context)
+        self.flops_per_batch = self._flops[key]
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         n = len(batch["key"])
