@@ -60,6 +60,7 @@ class AutoencoderTraining(L.LightningModule):
         self.register_buffer("stats_steps", torch.tensor(0, dtype=torch.long))
 
     tokenizer = None  # images only: the data module skips tokenization
+    flops_per_batch = None  # MFU is reported for the diffusion stage only
 
     @property
     def latent_std(self) -> float:

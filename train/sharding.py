@@ -176,7 +176,7 @@ def _load_deepspeed(path: Path) -> dict:
     files = sorted(glob.glob(os.path.join(path, tag, "*model_states.pt")), key=_rank_of)
     if not files:
         raise ValueError(f"{path}/{tag} holds no *model_states.pt: an incomplete checkpoint")
-    states = [torch.load(f, map_location="cpu", weights_only=False) for f in files]
+    states = [torch.load(f, map_location="cpu", weights_only=True) for f in files]
     ckpt = {k: v for k, v in states[0].items() if k not in _DEEPSPEED_KEYS}
     ckpt["state_dict"] = {k.removeprefix("_forward_module."): v for k, v in state.items()}
     ckpt["rank_callbacks"] = [s.get("callbacks", {}) for s in states]
