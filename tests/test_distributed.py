@@ -32,7 +32,6 @@ def common(shards: Path) -> list[str]:
     return [
         "experiment=tiny",
         f"data.urls={shards}",
-        "logger=none",
         "batch.global_size=8",
         f"trainer.max_steps={STEPS}",
         "model.optimizer._target_=torch.optim.SGD",
@@ -51,6 +50,16 @@ def ldm_train(root: Path, *overrides: str, launcher: list[str] | None = None):
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-5000:]}")
     return proc
+
+
+def grad_norms(root: Path) -> list[tuple[int, float]]:
+    """`train/grad_norm` history of the one MLflow run under ``root``."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    history = client.get_metric_history(run.info.run_id, "train/grad_norm")
+    return sorted((m.step, m.value) for m in history)
 
 
 def max_diff(a_dir: Path, b_dir: Path) -> float:
@@ -75,7 +84,7 @@ def reference(demo_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> di
     assert "global batch 8 = 4 per device x 1 devices x 2 accumulation steps" in out.stdout
     run = root / "runs" / "single"
     subprocess.run([LDM_EXPORT, "--no-ema", str(run / "checkpoints/last.ckpt"), str(run / "raw")])
-    return {"ema": run / "export", "raw": run / "raw"}
+    return {"ema": run / "export", "raw": run / "raw", "root": root}
 
 
 @pytest.mark.slow
@@ -83,6 +92,8 @@ def reference(demo_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> di
 def test_two_processes_train_resume_and_export_like_one(
     strategy: str, demo_shards: Path, reference: dict[str, Path], tmp_path: Path
 ) -> None:
+    """Train to step 2, stop, resume to step 4 from the (sharded) checkpoint; the gradient
+    norms, the export and ldm-export's consolidation of the checkpoint all match one process."""
     # EMA and raw weights must differ, or the comparisons below could not tell them apart.
     assert max_diff(reference["ema"], reference["raw"]) > 1e-3
     args = [*common(demo_shards), "trainer.devices=2", f"strategy={strategy}", "run_name=r"]
@@ -97,6 +108,10 @@ def test_two_processes_train_resume_and_export_like_one(
         assert {"__0_0.distcp", "__1_0.distcp", "meta.pt"} <= {p.name for p in last.iterdir()}
     ldm_train(tmp_path, *args, "ckpt_path=last")
 
+    # Gradient norms: DDP's whole gradients, FSDP's shards summed over ranks, DeepSpeed's own.
+    ours, ref = grad_norms(tmp_path), grad_norms(reference["root"])
+    assert [s for s, _ in ours] == [s for s, _ in ref] == list(range(STEPS))
+    assert [v for _, v in ours] == pytest.approx([v for _, v in ref], rel=1e-5)
     # The export written at the end of training holds the EMA weights, gathered from shards.
     assert max_diff(run / "export", reference["ema"]) < 1e-6
     # ldm-export consolidates the sharded checkpoint to the same files, EMA or raw.
@@ -140,7 +155,7 @@ def test_two_nodes_through_torchrun_rendezvous(
         "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=twonodes",
     ]  # fmt: skip
     args = [
-        *[a for a in common(demo_shards) if a != "logger=none"],
+        *common(demo_shards),
         "trainer.num_nodes=2",
         "trainer.devices=1",
         "strategy=ddp",
