@@ -43,8 +43,18 @@ def common(shards: Path) -> list[str]:
     ]
 
 
+def run_env(root: Path) -> dict[str, str]:
+    """This process's environment, with outputs (MLflow store included) under ``root``.
+
+    MLflow's `set_tracking_uri` exports MLFLOW_TRACKING_URI, so an in-process run of an earlier
+    test would otherwise send these subprocesses' runs to that test's store.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return env | {"LDM_OUTPUT_DIR": str(root), "OMP_NUM_THREADS": "1"}
+
+
 def ldm_train(root: Path, *overrides: str, launcher: list[str] | None = None):
-    env = os.environ | {"LDM_OUTPUT_DIR": str(root), "OMP_NUM_THREADS": "1"}
+    env = run_env(root)
     cmd = [*(launcher or []), LDM_TRAIN, *overrides]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
@@ -161,7 +171,7 @@ def test_two_nodes_through_torchrun_rendezvous(
         "strategy=ddp",
         "run_name=nodes",
     ]
-    env = os.environ | {"LDM_OUTPUT_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    env = run_env(tmp_path)
     logs = [(tmp_path / f"node{i}.out", tmp_path / f"node{i}.err") for i in range(2)]
     procs = [
         subprocess.Popen(
@@ -197,7 +207,7 @@ def test_two_nodes_through_torchrun_rendezvous(
 def test_a_global_batch_that_does_not_split_fails_before_training(
     demo_shards: Path, tmp_path: Path
 ) -> None:
-    env = os.environ | {"LDM_OUTPUT_DIR": str(tmp_path)}
+    env = run_env(tmp_path)
     cmd = [LDM_TRAIN, "experiment=tiny", f"data.urls={demo_shards}", "logger=none"]
     cmd += ["trainer.devices=2", "strategy=ddp", "batch.global_size=9"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
