@@ -131,6 +131,22 @@ def test_two_processes_train_resume_and_export_like_one(
         assert max_diff(out, reference[ref]) < 1e-6, ref
 
 
+@pytest.mark.slow
+def test_zero3_with_cpu_offload_trains_and_consolidates(demo_shards: Path, tmp_path: Path) -> None:
+    """ZeRO-3 with parameters and optimizer state offloaded (DeepSpeed's CPU Adam, compiled on
+    first use): the export gathered at the end equals ldm-export's offline consolidation."""
+    args = [a for a in common(demo_shards) if not a.startswith(("model.optimizer", "+model"))]
+    ldm_train(
+        tmp_path, *args, "trainer.devices=2", "strategy=deepspeed_zero3_offload", "run_name=o"
+    )
+    run = tmp_path / "runs" / "o"
+    out = run / "offline"
+    subprocess.run([LDM_EXPORT, str(run / "checkpoints/last.ckpt"), str(out)], check=True)
+    assert max_diff(run / "export", out) < 1e-6
+    weights = load_file(out / UNET)
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
 def wait_all(procs: list[subprocess.Popen], timeout: float) -> None:
     """Wait for every process; once one fails (or time runs out) stop the others by PID, as a
     peer left alone would wait at the rendezvous until its own timeout."""

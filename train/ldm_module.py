@@ -287,7 +287,7 @@ def optimizer_config(
     params, optimizer: OptimizerFactory, lr_scheduler: SchedulerFactory | None
 ) -> torch.optim.Optimizer | dict:
     """What `configure_optimizers` returns: the optimizer, and its schedule stepped per step."""
-    opt = optimizer(params=params)
+    opt = optimizer(params)  # positional: DeepSpeedCPUAdam names it model_params
     if lr_scheduler is None:
         return opt
     return {"optimizer": opt, "lr_scheduler": {"scheduler": lr_scheduler(opt), "interval": "step"}}
