@@ -93,7 +93,8 @@ def reference(demo_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> di
     )
     assert "global batch 8 = 4 per device x 1 devices x 2 accumulation steps" in out.stdout
     run = root / "runs" / "single"
-    subprocess.run([LDM_EXPORT, "--no-ema", str(run / "checkpoints/last.ckpt"), str(run / "raw")])
+    raw = [LDM_EXPORT, "--no-ema", str(run / "checkpoints/last.ckpt"), str(run / "raw")]
+    subprocess.run(raw, check=True, capture_output=True)
     return {"ema": run / "export", "raw": run / "raw", "root": root}
 
 
