@@ -43,3 +43,17 @@ def compose(tmp_path) -> Callable[..., object]:
         return compose_train([f"paths.root={tmp_path}", *overrides])
 
     return _compose
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """A one-node SLURM cluster for this test session (installed with apt if missing),
+    stopped by the PIDs its daemons wrote."""
+    from jobs.slurm_local import down, up
+
+    directory = tmp_path_factory.mktemp("slurm")
+    cluster = up(directory)
+    try:
+        yield cluster
+    finally:
+        down(directory)

@@ -133,6 +133,27 @@ def test_two_processes_train_resume_and_export_like_one(
 
 
 @pytest.mark.slow
+def test_two_slurm_tasks_train_like_one_process(
+    slurm, demo_shards: Path, reference: dict[str, Path], tmp_path: Path
+) -> None:
+    """sbatch --ntasks=2 + srun: Lightning's SLURMEnvironment gives the ranks (one task per
+    device); the job trains DDP and exports what one process does."""
+    cmd = [LDM_TRAIN, *common(demo_shards), "trainer.devices=2", "strategy=ddp", "run_name=s"]
+    job = slurm.run(
+        "sbatch", "--parsable", "--job-name=ldm-ddp", "--ntasks=2", "--ntasks-per-node=2",
+        "--cpus-per-task=1", "--mem=8G", f"--output={tmp_path}/slurm-%j.out",
+        "--wrap", "srun " + " ".join(cmd), env=run_env(tmp_path),
+    )  # fmt: skip
+    job_id = job.stdout.strip()
+    state = slurm.wait(job_id, timeout=600)
+    log = (tmp_path / f"slurm-{job_id}.out").read_text()
+    assert state == "COMPLETED", log[-5000:]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in log
+    assert max_diff(tmp_path / "runs" / "s" / "export", reference["ema"]) < 1e-6
+    assert (tmp_path / "runs" / "s" / "ldm-train-rank1.log").is_file()
+
+
+@pytest.mark.slow
 def test_zero3_with_cpu_offload_trains_and_consolidates(demo_shards: Path, tmp_path: Path) -> None:
     """ZeRO-3 with parameters and optimizer state offloaded (DeepSpeed's CPU Adam, compiled on
     first use): the export gathered at the end equals ldm-export's offline consolidation."""
