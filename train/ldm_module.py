@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,18 +22,12 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 from train import diffusion
 from train.flops import unet_train_flops
 from train.noise import SampleRNG, row_offset
+from train.parts import FrozenParts, check_compatible, vae_scale_factor
 from train.text import FrozenTextEncoder
 from train.util import atomic_dir, image_grid
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
-
-
-class FrozenParts:
-    """A plain holder (not an nn.Module) for the frozen VAE and text encoder."""
-
-    def __init__(self, vae: AutoencoderKL, text_encoder: FrozenTextEncoder) -> None:
-        self.vae, self.text_encoder = vae, text_encoder
 
 
 class LatentDiffusion(L.LightningModule):
@@ -70,7 +65,7 @@ class LatentDiffusion(L.LightningModule):
         self.register_buffer("_empty_ids", empty["input_ids"], persistent=False)
         self.register_buffer("_empty_mask", empty["attention_mask"], persistent=False)
         self._null_context: torch.Tensor | None = None  # see null_context()
-        self._flops: dict[tuple, int] = {}  # UNet train FLOPs by micro-batch shape
+        self._flops = functools.cache(unet_train_flops)  # by micro-batch shape
         self.flops_per_batch: int | None = None
 
     @property
@@ -179,19 +174,15 @@ class LatentDiffusion(L.LightningModule):
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         # Lightning's ThroughputMonitor reads `flops_per_batch` for its MFU metric.
-        n = len(batch["key"])
         if "latent_moments" in batch:
             c, h, w = batch["latent_moments"].shape[1:]
-            latent = (c // 2, h, w)
+            latent = (c // 2, h, w)  # [B, 2C, h, w]: mean and log-variance
         else:
             f = vae_scale_factor(self.vae)
             h, w = batch["pixel_values"].shape[2:]
             latent = (self.unet.config.in_channels, h // f, w // f)
-        key = (n, latent)
-        if key not in self._flops:
-            context = (self.text_encoder.max_length, self.text_encoder.hidden_size)
-            self._flops[key] = unet_train_flops(self.unet, n, latent, context)
-        self.flops_per_batch = self._flops[key]
+        context = (self.text_encoder.max_length, self.text_encoder.hidden_size)
+        self.flops_per_batch = self._flops(self.unet, len(batch["key"]), latent, context)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         n = len(batch["key"])
@@ -291,25 +282,3 @@ def optimizer_config(
     if lr_scheduler is None:
         return opt
     return {"optimizer": opt, "lr_scheduler": {"scheduler": lr_scheduler(opt), "interval": "step"}}
-
-
-def vae_scale_factor(vae: AutoencoderKL) -> int:
-    return 2 ** (len(vae.config.block_out_channels) - 1)
-
-
-def check_compatible(
-    unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: FrozenTextEncoder
-) -> None:
-    """Fail with the setting to change when the parts cannot work together."""
-    if unet.config.in_channels != vae.config.latent_channels:
-        raise ValueError(
-            f"model.unet.in_channels={unet.config.in_channels} but the VAE has "
-            f"latent_channels={vae.config.latent_channels}; set model.unet.in_channels and "
-            "model.unet.out_channels to the VAE's latent_channels"
-        )
-    if unet.config.cross_attention_dim != text_encoder.hidden_size:
-        raise ValueError(
-            f"model.unet.cross_attention_dim={unet.config.cross_attention_dim} but the text "
-            f"encoder's hidden size is {text_encoder.hidden_size}; set "
-            f"model.unet.cross_attention_dim={text_encoder.hidden_size}"
-        )
