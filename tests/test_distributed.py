@@ -255,6 +255,16 @@ def test_a_global_batch_that_does_not_split_fails_before_training(
     assert not (tmp_path / "runs" / "tiny" / "checkpoints").exists()
 
 
+def test_unshardable_module_is_refused_before_training(demo_shards: Path, tmp_path: Path) -> None:
+    """The autoencoder stage has no gather path for previews/exports: ZeRO-3 is refused with
+    the strategies that work, instead of rank 0 hanging over shards at the first preview."""
+    cmd = [LDM_TRAIN, "experiment=tiny", "model=autoencoder", "~model.unet", "logger=none"]
+    cmd += [f"data.urls={demo_shards}", "trainer.devices=2", "strategy=deepspeed_zero3"]
+    proc = subprocess.run(cmd, env=run_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "use strategy=ddp, deepspeed_zero1 or deepspeed_zero2" in proc.stderr
+
+
 def test_zero3_partition_round_trip() -> None:
     """How ZeRO-3 slices a parameter (flat, zero-padded, equal pieces in rank order): what
     offline export of EMA shards relies on."""

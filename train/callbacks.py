@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.utilities import grad_norm
 
+from train.config_check import ConfigError
 from train.ema import EMA
 from train.sharding import full_state_dict, is_sharded
 from train.tracking import log_artifact
@@ -80,6 +81,9 @@ class SamplePreview(L.Callback):
         self._batch: dict | None = None
         self.last_path: Path | None = None
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        check_whole_weights(trainer, pl_module)
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._batch is None:
             self._batch = {
@@ -124,6 +128,9 @@ class ExportOnTrainEnd(L.Callback):
         self.dirname, self.log_to_mlflow = dirname, log_to_mlflow
         self.path: Path | None = None
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        check_whole_weights(trainer, pl_module)
+
     def on_train_end(self, trainer, pl_module) -> None:
         extra = output_weights(trainer, pl_module)
         if not trainer.is_global_zero:
@@ -131,6 +138,17 @@ class ExportOnTrainEnd(L.Callback):
         self.path = pl_module.export(Path(trainer.default_root_dir) / self.dirname, **extra)
         if self.log_to_mlflow:
             log_artifact(trainer, self.path, self.dirname)
+
+
+def check_whole_weights(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    """Refuse, before training, a sharded strategy for a module whose weights we cannot gather
+    (rank 0 alone would run a forward over shards and hang)."""
+    if is_sharded(trainer.strategy) and not hasattr(pl_module, "unet"):
+        raise ConfigError(
+            f"{type(pl_module).__name__} cannot write previews or exports under "
+            f"{type(trainer.strategy).__name__} with sharded parameters; use strategy=ddp, "
+            "deepspeed_zero1 or deepspeed_zero2"
+        )
 
 
 def output_weights(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
