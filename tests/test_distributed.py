@@ -37,7 +37,7 @@ def common(shards: Path) -> list[str]:
         "model.optimizer._target_=torch.optim.SGD",
         "model.optimizer.lr=0.1",
         "+model.optimizer.momentum=0.9",
-        "callbacks.samples=null",
+        "callbacks.samples.every_n_steps=1",  # previews gather shards mid-run too
         "callbacks/ema=default",
         "callbacks.ema.decay=0.5",  # far from the raw weights after 4 steps (asserted below)
     ]
@@ -123,6 +123,8 @@ def test_two_processes_train_resume_and_export_like_one(
     ours, ref = grad_norms(tmp_path), grad_norms(reference["root"])
     assert [s for s, _ in ours] == [s for s, _ in ref] == list(range(STEPS))
     assert [v for _, v in ours] == pytest.approx([v for _, v in ref], rel=1e-5)
+    previews = sorted(p.name for p in (run / "samples").iterdir())
+    assert previews == ["final.png", "step_0000001.png", "step_0000003.png"]
     # The export written at the end of training holds the EMA weights, gathered from shards.
     assert max_diff(run / "export", reference["ema"]) < 1e-6
     # ldm-export consolidates the sharded checkpoint to the same files, EMA or raw.
