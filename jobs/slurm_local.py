@@ -176,10 +176,9 @@ def up(directory: str | Path, timeout: float = 60) -> LocalSlurm:
 def down(directory: str | Path) -> None:
     """Cancel jobs, then stop slurmd, slurmctld and munged by the PIDs they wrote."""
     d = Path(directory).resolve()
-    conf = d / "slurm.conf"
-    if conf.exists() and shutil.which("scancel"):
-        env = {**os.environ, "SLURM_CONF": str(conf)}
-        subprocess.run(["scancel", "--user=root"], env=env, capture_output=True)
+    cluster = LocalSlurm(d)
+    if cluster.conf.exists() and shutil.which("scancel"):
+        cluster.run("scancel", "--user=root", check=False)
     for name in ("slurmd", "slurmctld", "munged"):
         pid_file = d / f"{name}.pid"
         if not pid_file.exists():

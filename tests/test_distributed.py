@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from img2dataset_env import free_port
 from safetensors.torch import load_file
 
 LDM_TRAIN = str(Path(sys.executable).parent / "ldm-train")
@@ -187,19 +187,13 @@ def wait_all(procs: list[subprocess.Popen], timeout: float) -> None:
         p.wait()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_nodes_through_torchrun_rendezvous(
     demo_shards: Path, reference: dict[str, Path], tmp_path: Path
 ) -> None:
     """trainer.num_nodes=2: two torchrun agents (one per "node", one process each) meet at a
     c10d rendezvous on 127.0.0.1, as Kubernetes pods do; one run dir, one MLflow run."""
-    port = _free_port()
+    port = free_port()
     torchrun = [
         sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
         "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=twonodes",

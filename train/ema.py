@@ -135,33 +135,32 @@ def restore_shadow(trainer: L.Trainer, pl_module, saved: dict, local) -> list[to
     full = saved.get("state")
     if full is None:
         raise ValueError("the checkpoint's EMA state is empty: it was saved before any update")
-    return [s.float() for s in shard_like(trainer, pl_module, [full[n] for n in names], local)]
+    whole = {n: full[n] for n in names}  # in parameter order, aligned with `local`
+    return [s.float() for s in shard_like(trainer, whole, local)]
 
 
-def shard_like(trainer: L.Trainer, pl_module, whole: list[torch.Tensor], local) -> list:
-    """Cut whole tensors the way this rank's ``local`` tensors are cut."""
+def shard_like(trainer: L.Trainer, whole: StateDict, local: list[torch.Tensor]) -> list:
+    """Cut whole UNet tensors (by parameter name, in parameter order) the way this rank's
+    ``local`` tensors are cut."""
     if is_zero3(trainer.strategy):
         rank = trainer.global_rank
         return [
             zero3_partition(w, rank, t.numel()).to(t.device)
-            for w, t in zip(whole, local, strict=True)
+            for w, t in zip(whole.values(), local, strict=True)
         ]
     from lightning.pytorch.strategies import FSDPStrategy
 
     if not isinstance(trainer.strategy, FSDPStrategy):
-        return [w.to(t.device) for w, t in zip(whole, local, strict=True)]
+        return [w.to(t.device) for w, t in zip(whole.values(), local, strict=True)]
     # FSDP's flat-parameter layout is private; let FSDP cut the whole tensors into the live
     # shards, read them out, and put the trained weights back.
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    names = [clean_name(n) for n, _ in pl_module.unet.named_parameters()]
-    cut: list[torch.Tensor] = []
-    with swapped_in(local, [t.detach().clone() for t in local]):
-        full = {f"unet.{n}": w for n, w in zip(names, whole, strict=True)}
+    with preserved(local):
+        full = {f"unet.{n}": w for n, w in whole.items()}
         options = StateDictOptions(full_state_dict=True, strict=False)
         set_model_state_dict(trainer.strategy.model, full, options=options)
-        cut = [t.detach().clone() for t in local]
-    return cut
+        return [t.detach().clone() for t in local]
 
 
 def ema_from_checkpoint(ckpt: dict) -> StateDict | None:
@@ -190,15 +189,22 @@ def _ema_state(callbacks: dict) -> dict | None:
 
 
 @contextlib.contextmanager
-def swapped_in(live: list[torch.Tensor], values: list[torch.Tensor]) -> Iterator[None]:
-    """Temporarily copy ``values`` into the ``live`` tensors (restored afterwards, always)."""
+def preserved(live: list[torch.Tensor]) -> Iterator[None]:
+    """Whatever happens to the ``live`` tensors inside, their values are restored after."""
     backup = [t.detach().clone() for t in live]
     try:
-        with torch.no_grad():
-            for t, v in zip(live, values, strict=True):
-                t.copy_(v)
         yield
     finally:
         with torch.no_grad():
             for t, b in zip(live, backup, strict=True):
                 t.copy_(b)
+
+
+@contextlib.contextmanager
+def swapped_in(live: list[torch.Tensor], values: list[torch.Tensor]) -> Iterator[None]:
+    """Temporarily copy ``values`` into the ``live`` tensors (restored afterwards, always)."""
+    with preserved(live):
+        with torch.no_grad():
+            for t, v in zip(live, values, strict=True):
+                t.copy_(v)
+        yield

@@ -1,4 +1,4 @@
-"""Model FLOPs for throughput accounting (MFU), counted once per input shape.
+"""Model FLOPs for throughput accounting (MFU), counted once per micro-batch shape.
 
 Counted with PyTorch's FlopCounterMode (through Lightning's `measure_flops`) on a meta-device
 copy of the UNet, so counting allocates nothing and takes milliseconds. MFU then counts the

@@ -1,4 +1,4 @@
-"""Lightning strategies that also run where Lightning's own refuse: DeepSpeed on CPU processes."""
+"""Lightning strategies that also run where Lightning's own refuse: DeepSpeed and FSDP on CPU."""
 
 from __future__ import annotations
 
