@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import grad_norm
 
 from train.config_check import ConfigError
 from train.ema import EMA
+from train.preemption import preempted
 from train.sharding import full_state_dict, is_sharded
 from train.tracking import log_artifact
 
@@ -100,7 +101,8 @@ class SamplePreview(L.Callback):
             self._write(trainer, pl_module, f"step_{step:07d}.png")
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self._write(trainer, pl_module, "final.png")
+        if not preempted(trainer):
+            self._write(trainer, pl_module, "final.png")
 
     def _write(self, trainer, pl_module, name: str) -> None:
         # Every rank enters: gathering sharded or EMA weights is a collective.
@@ -132,6 +134,8 @@ class ExportOnTrainEnd(L.Callback):
         check_whole_weights(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
+        if preempted(trainer):
+            return  # the requeued job resumes and exports at its real end
         extra = output_weights(trainer, pl_module)
         if not trainer.is_global_zero:
             return

@@ -40,6 +40,7 @@ class RunSchema:
     logger: Any = field(default_factory=dict)
     callbacks: Any = field(default_factory=dict)
     optimized_metric: str | None = None
+    launcher: Any = None  # read by ldm-submit only (jobs/): where and how the job runs
 
 
 def register() -> None:

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from train.batching import BatchPlan, plan_batch, scaled_lr
 from train.callbacks import ConfigInCheckpoint, ExportOnTrainEnd, SamplePreview
 from train.config_check import ConfigError, check_config
+from train.preemption import hpc_checkpoints, resolve_checkpoint
 from train.tracking import describe_run, flatten_for_params, run_tags
 from train.util import launched_rank
 
@@ -27,9 +28,10 @@ def run(cfg: DictConfig) -> float | None:
     run_dir = Path(cfg.paths.run_dir)
     check_config(cfg)
     check_fresh_start(run_dir, cfg.ckpt_path)
+    ckpt_path = resolve_checkpoint(cfg.ckpt_path, run_dir, checkpoint_dir(cfg))
     L.seed_everything(cfg.seed, workers=True)
 
-    loggers = build_loggers(cfg.logger, run_dir, resuming=cfg.ckpt_path is not None)
+    loggers = build_loggers(cfg.logger, run_dir, resuming=ckpt_path is not None)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     if not loggers:
         # logger=none: LearningRateMonitor refuses a Trainer without loggers (nowhere to log).
@@ -46,10 +48,13 @@ def run(cfg: DictConfig) -> float | None:
     trainer.callbacks.append(ConfigInCheckpoint(resolved))
     if trainer.is_global_zero:
         print(f"{plan.describe()}; lr {cfg.model.optimizer.lr:g}", flush=True)
-    log_params(loggers, resolved, resuming=cfg.ckpt_path is not None)
+    log_params(loggers, resolved, resuming=ckpt_path is not None)
     remember_run_ids(trainer, run_dir)
+    if trainer.is_global_zero and cfg.ckpt_path == "last":
+        print(f"Resuming from {ckpt_path}" if ckpt_path else "No checkpoint yet: fresh start",
+              flush=True)  # fmt: skip
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
     if trainer.is_global_zero:
         print("\n".join(summary(trainer, run_dir)), flush=True)
@@ -88,9 +93,14 @@ def apply_batch_plan(cfg: DictConfig, trainer: L.Trainer) -> BatchPlan:
     return plan
 
 
+def checkpoint_dir(cfg: DictConfig) -> Path | None:
+    node = (cfg.callbacks or {}).get("checkpoint")
+    return Path(node.dirpath) if node is not None and node.get("dirpath") else None
+
+
 def check_fresh_start(run_dir: Path, ckpt_path: str | None) -> None:
     """Refuse to start from scratch over an earlier run's checkpoints (they would be replaced)."""
-    ckpts = sorted((run_dir / "checkpoints").glob("*.ckpt"))
+    ckpts = sorted((run_dir / "checkpoints").glob("*.ckpt")) + hpc_checkpoints(run_dir)
     if ckpt_path is None and ckpts:
         raise ConfigError(
             f"{run_dir} already holds checkpoints ({ckpts[-1].name}, ...). Resume that run with "

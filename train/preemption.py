@@ -1,0 +1,121 @@
+"""Preemption on SLURM: checkpoint at a step boundary on the warning signal, requeue, resume.
+
+`sbatch --requeue --signal=USR1@<seconds>` warns the job's steps before the time limit or a
+preemption. Lightning's own SLURM handler saves its checkpoint *inside* the signal handler, i.e.
+wherever each rank happens to be (one rank mid-backward in a gradient all-reduce, another in the
+data loader), and the save's collectives can then interleave with the step's. Here the handler
+only sets a flag; every rank checks it after a whole optimizer step (one tiny all-reduce), so all
+ranks save the same step together. The requeued job (same SLURM_JOB_ID, SLURM_RESTART_COUNT+1)
+runs the same command with `ckpt_path=last`, which `resolve_checkpoint` maps to the newest of the
+periodic `last.ckpt` and these `hpc_ckpt_<n>.ckpt` (Lightning's name, so `ckpt_path=hpc` works).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import subprocess
+from pathlib import Path
+
+import lightning as L
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.callbacks import Checkpoint
+
+log = logging.getLogger(__name__)
+HPC_PATTERN = re.compile(r"hpc_ckpt_(\d+)\.ckpt$")
+
+
+class RequeueOnSignal(Checkpoint):
+    """Active only inside a SLURM job; elsewhere it does nothing.
+
+    A `Checkpoint` so that Lightning runs it after the other callbacks' batch-end hooks (EMA,
+    data health), as it does for `ModelCheckpoint`: the saved state is the whole step's.
+    """
+
+    def __init__(self, signal_name: str = "SIGUSR1") -> None:
+        self.signum = signal.Signals[signal_name]
+        self.received = False
+        self.requeued = False
+        self._previous = None
+        self._active = False
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Registered before Lightning's signal connector runs, which then leaves this signal to
+        # us (it only installs its handler where none is set).
+        self._active = stage == "fit" and SLURMEnvironment.detect()
+        if self._active:
+            self._previous = signal.signal(self.signum, self._on_signal)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._active:
+            signal.signal(self.signum, self._previous or signal.SIG_DFL)
+            self._active = False
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.received = True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self._active or self.requeued:
+            return
+        if not trainer.strategy.reduce_boolean_decision(self.received, all=False):
+            return
+        path = save_hpc_checkpoint(trainer)
+        requeued = trainer.strategy.broadcast(requeue_job() if trainer.is_global_zero else False)
+        if requeued:
+            self.requeued = True
+            trainer.should_stop = True  # SLURM will also stop us; end cleanly first
+            if trainer.is_global_zero:
+                print(f"Preempted at step {trainer.global_step}: saved {path}; job requeued",
+                      flush=True)  # fmt: skip
+        else:
+            self.received = False  # not requeueable: keep training, the checkpoint stays
+
+
+def preempted(trainer: L.Trainer) -> bool:
+    """True once this run has checkpointed and requeued itself (skip end-of-run exports)."""
+    return any(isinstance(cb, RequeueOnSignal) and cb.requeued for cb in trainer.callbacks)
+
+
+def save_hpc_checkpoint(trainer: L.Trainer) -> Path:
+    """Save (collective) to a new `hpc_ckpt_<n>.ckpt` in the run folder; written under a
+    temporary name first so a kill mid-write never leaves a broken newest checkpoint."""
+    run_dir = Path(trainer.default_root_dir)
+    numbers = [int(HPC_PATTERN.search(p.name).group(1)) for p in hpc_checkpoints(run_dir)]
+    final = run_dir / f"hpc_ckpt_{max(numbers, default=0) + 1}.ckpt"
+    tmp = run_dir / f".{final.name}.partial"
+    trainer.save_checkpoint(tmp)
+    trainer.strategy.barrier("hpc_checkpoint_saved")
+    if trainer.is_global_zero:
+        os.rename(tmp, final)  # file or (DeepSpeed) folder; `final` is new, so never replaced
+    trainer.strategy.barrier("hpc_checkpoint_renamed")
+    return final
+
+
+def requeue_job() -> bool:
+    """`scontrol requeue` this job (array task aware); False if SLURM refuses (no --requeue)."""
+    job = os.environ["SLURM_JOB_ID"]
+    if os.environ.get("SLURM_ARRAY_JOB_ID"):
+        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    out = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    if out.returncode != 0:
+        log.warning("scontrol requeue %s failed: %s", job, out.stderr.strip())
+    return out.returncode == 0
+
+
+def hpc_checkpoints(run_dir: Path) -> list[Path]:
+    return [p for p in Path(run_dir).glob("hpc_ckpt_*.ckpt") if HPC_PATTERN.search(p.name)]
+
+
+def resolve_checkpoint(ckpt_path: str | None, run_dir: Path, last_dir: Path | None) -> str | None:
+    """`ckpt_path=last`: the newest of `last_dir/last.ckpt` and the run's preemption checkpoints,
+    or None (a fresh start) where there is none yet; any other value is returned as is."""
+    if ckpt_path != "last":
+        return ckpt_path
+    candidates = hpc_checkpoints(run_dir)
+    if last_dir is not None and (Path(last_dir) / "last.ckpt").exists():
+        candidates.append(Path(last_dir) / "last.ckpt")
+    if not candidates:
+        return None
+    return str(max(candidates, key=lambda p: p.stat().st_mtime))
