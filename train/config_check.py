@@ -49,10 +49,9 @@ def _check_target_node(node: DictConfig, path: str) -> None:
     except Exception as e:  # noqa: BLE001 - any import failure is a config error here
         raise ConfigError(f"{path}._target_={node._target_!r} cannot be imported: {e}") from e
     try:
-        signature = inspect.signature(target, eval_str=True)
+        params = _parameters(target)
     except (TypeError, ValueError, NameError):
         return  # builtins or unresolvable annotations: nothing to check against
-    params = signature.parameters
     takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
     for key in node:
         if key in RESERVED:
@@ -81,6 +80,30 @@ def _check_target_node(node: DictConfig, path: str) -> None:
             )
         if key == "pretrained_model_name_or_path":
             _check_local_path(child, plain)
+
+
+def _parameters(target: Any) -> dict[str, inspect.Parameter]:
+    """Parameters of `target`. A class of this project whose `**kwargs` go to its base's
+    `__init__` (the launchers' shared resources) gets that base's parameters too, so an unknown
+    key is still caught; other libraries' `**kwargs` may mean anything and stay open."""
+    params = dict(inspect.signature(target, eval_str=True).parameters)
+    ours = ("train", "data", "jobs")
+    if not inspect.isclass(target) or target.__module__.split(".")[0] not in ours:
+        return params
+    current = target.__init__
+    for base in target.__mro__[1:]:
+        var_kw = [k for k, p in params.items() if p.kind is p.VAR_KEYWORD]
+        if not var_kw or base.__module__.split(".")[0] not in ours:
+            break
+        init = vars(base).get("__init__")
+        if init is None or init is current:
+            continue
+        current = init
+        inherited = inspect.signature(init, eval_str=True).parameters
+        params = {k: p for k, p in params.items() if k not in var_kw} | {
+            k: p for k, p in inherited.items() if k != "self" and k not in params
+        }
+    return params
 
 
 def _check_local_path(key: str, value: Any) -> None:

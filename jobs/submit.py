@@ -1,0 +1,98 @@
+"""`ldm-submit`: the training config with your overrides, rendered as a job and submitted.
+
+    ldm-submit launcher=slurm launcher.nodes=2 launcher.gpus_per_node=8 experiment=demo ...
+    ldm-submit launcher=k8s launcher.image=REGISTRY/ldm:TAG --dry-run experiment=demo ...
+
+Everything except `launcher=`/`launcher.*` is passed to `ldm-train` in the job. The whole config
+is composed and checked here first, so a typo fails on the login node, not after the queue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from hydra.errors import HydraException, InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
+
+from jobs.launcher import Job, Launcher, SubmitError, user_overrides
+
+LAUNCHERS = "launcher=slurm | k8s | k8s_jobset | k8s_job | local"
+
+
+def prepare(overrides: list[str]) -> tuple[Launcher, Job]:
+    """Compose and check the config, build the launcher, name the job; nothing is submitted."""
+    from train.batching import plan_batch
+    from train.cli import compose
+    from train.config_check import check_config
+
+    cfg = compose(overrides)
+    if cfg.launcher is None:
+        raise SubmitError(f"choose where the job runs: {LAUNCHERS}")
+    check_config(cfg)
+    try:
+        launcher: Launcher = instantiate(cfg.launcher)
+    except InstantiationException as e:  # Hydra wraps the constructor's own message
+        raise (e.__cause__ if isinstance(e.__cause__, SubmitError) else e) from None
+    check_batch(cfg, launcher, plan_batch)
+    name, run_name = launcher.names(cfg.run_name, time.strftime("%Y%m%d-%H%M%S"))
+    return launcher, Job(name, run_name, user_overrides(overrides), str(cfg.paths.root))
+
+
+def check_batch(cfg: DictConfig, launcher: Launcher, plan_batch) -> None:
+    """The global batch must split over the job's processes (as ldm-train would check)."""
+    b = cfg.batch
+    accumulation = int(cfg.trainer.accumulate_grad_batches or 1)
+    world = launcher.world_size
+    plan_batch(b.global_size, world, b.max_per_device, cfg.data.batch_size, accumulation)
+
+
+def write(text: str, path: Path) -> None:
+    """Written under a temporary name first: a job file is never half-written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="ldm-submit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--dry-run", action="store_true", help="print the job; submit nothing")
+    parser.add_argument("--out", type=Path, help="job file (default: <paths.root>/jobs/<name>.*)")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for ldm-train")
+    args = parser.parse_args(argv)
+    from train.config_check import ConfigError
+
+    try:
+        launcher, job = prepare(args.overrides)
+        text = launcher.render(job)
+    except (SubmitError, ConfigError, HydraException, OmegaConfBaseException) as e:
+        print(f"ldm-submit: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(text, end="")
+        return 0
+    path = args.out or Path(job.paths_root) / "jobs" / launcher.filename(job)
+    write(text, path)
+    print(f"job file: {path}", flush=True)
+    try:
+        print(f"submitted: {launcher.submit(job, path)}", flush=True)
+    except SubmitError as e:
+        print(f"ldm-submit: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cli() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()
