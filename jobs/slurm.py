@@ -109,7 +109,7 @@ class SlurmLauncher(Launcher):
             f'RUN_NAME="{job.run_name}-${{SLURM_JOB_ID}}"',
             'echo "job ${SLURM_JOB_ID} start ${SLURM_RESTART_COUNT:-0} on $(hostname): '
             'run ${RUN_NAME}"',
-            " \\\n  ".join([*map(shlex.quote, self.srun()), shlex.quote(self.train_command), *args]),
+            " \\\n  ".join([*map(shlex.quote, [*self.srun(), self.train_command]), *args]),
         ]
         return "\n".join(body) + "\n"
 

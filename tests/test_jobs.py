@@ -98,7 +98,8 @@ def test_mlflow_credentials_come_from_the_secret_by_reference() -> None:
     env = {e["name"]: e for e in pod["containers"][0]["env"]}
     for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
         assert "value" not in env[key]
-        assert env[key]["valueFrom"]["secretKeyRef"] == {"name": "creds", "key": key, "optional": True}
+        ref = {"name": "creds", "key": key, "optional": True}
+        assert env[key]["valueFrom"]["secretKeyRef"] == ref
     with pytest.raises(SubmitError, match="mlflow_secret"):
         prepare(["launcher=k8s", "+launcher.image=i", *TRAIN,
                  "launcher.mlflow_tracking_uri=https://me:hunter2@mlflow.example.com"])  # fmt: skip
