@@ -2,30 +2,53 @@
 
     python -m jobs.slurm_local up DIR      # install (Debian/Ubuntu, root), configure, start
     SLURM_CONF=DIR/slurm.conf sbatch ...   # submit as on a real cluster
+    SLURM_CONF=DIR/slurm.conf sacct -j ID  # how a job ended, also after it left the queue
     python -m jobs.slurm_local down DIR    # stop the daemons by the PIDs they wrote
 
 Debian's slurm-wlm with munge, run as root without systemd or cgroups (linuxproc process
-tracking). Configuration, state, logs and PID files all live under DIR; nothing in /etc is
+tracking). By default jobs are recorded by slurmdbd in a private MariaDB server that listens
+only on a unix socket in DIR, so `sacct` works: submitit (and so hydra-submitit-launcher)
+polls it, and without it waits forever for a job that died hard. `up DIR --no-accounting`
+skips slurmdbd and MariaDB (quicker start, but `sacct` fails).
+
+Configuration, state, the database, logs and PID files all live under DIR; nothing in /etc is
 changed except what the packages install. Daemons are stopped by PID, never by name.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 PACKAGES = ["munge", "slurmctld", "slurmd", "slurm-client"]
+ACCOUNTING_PACKAGES = ["slurmdbd", "mariadb-server"]
 MUNGE_SOCKET = "munge.socket"
+MYSQL_SOCKET = "mysql.sock"
+DATABASE = "slurm_acct_db"
+CLUSTER = "local"
+# Daemons in the order down() stops them (compute node first, munge last: the others need it
+# to say goodbye), with the process name that /proc/PID/comm must show.
+DAEMONS = {
+    "slurmd": ("slurmd",),
+    "slurmctld": ("slurmctld",),
+    "slurmdbd": ("slurmdbd",),
+    "mariadb": ("mariadbd", "mysqld"),
+    "munged": ("munged",),
+}
+# Job states after which a job will still change (sacct reports the same names).
+ACTIVE_STATES = ("PENDING", "RUNNING", "COMPLETING", "CONFIGURING", "REQUEUED", "SUSPENDED")
 
 SLURM_CONF = """\
-ClusterName=local
+ClusterName={cluster}
 SlurmctldHost={host}(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
@@ -43,7 +66,7 @@ SlurmdLogFile={dir}/slurmd.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/linux
-AccountingStorageType=accounting_storage/none
+{accounting}
 MpiDefault=none
 MailProg=/bin/true
 SelectType=select/cons_tres
@@ -57,6 +80,34 @@ MinJobAge=300
 ReturnToService=2
 {node_line}
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+"""
+
+# For accounting_storage/slurmdbd, AccountingStoragePass names the munge socket that clients
+# and slurmctld use towards slurmdbd; AuthInfo's socket= is not used for that connection.
+ACCOUNTING_LINES = """\
+AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=localhost
+AccountingStoragePort={dbd_port}
+AccountingStoragePass={munge_socket}"""
+
+# slurmdbd has no option for its config file: it reads slurmdbd.conf from the folder of
+# $SLURM_CONF, and refuses it unless it is mode 600 and owned by SlurmUser.
+# StorageHost=localhost makes MariaDB's client library use a unix socket (StoragePort is then
+# unused). slurmdbd 22.05 has no setting for the socket's path and reads no my.cnf (a
+# $MARIADB_HOME/my.cnf was ignored), but libmariadb takes $MYSQL_UNIX_PORT, which up() sets
+# to DIR/mysql.sock in slurmdbd's environment.
+SLURMDBD_CONF = """\
+DbdHost=localhost
+DbdPort={dbd_port}
+SlurmUser=root
+AuthType=auth/munge
+AuthInfo=socket={munge_socket}
+PidFile={dir}/slurmdbd.pid
+LogFile={dir}/slurmdbd.log
+StorageType=accounting_storage/mysql
+StorageHost=localhost
+StorageUser=root
+StorageLoc={database}
 """
 
 
@@ -74,6 +125,11 @@ class LocalSlurm:
     def env(self) -> dict[str, str]:
         return {**os.environ, "SLURM_CONF": str(self.conf)}
 
+    @property
+    def accounting(self) -> bool:
+        """Whether jobs are recorded by slurmdbd (so `sacct` works)."""
+        return "accounting_storage/slurmdbd" in self.conf.read_text()
+
     def run(
         self, *cmd: str, env: dict[str, str] | None = None, check: bool = True
     ) -> subprocess.CompletedProcess:
@@ -83,33 +139,62 @@ class LocalSlurm:
         return subprocess.run(cmd, env=full, capture_output=True, text=True, check=check)
 
     def job_state(self, job_id: str) -> str:
+        """The job's state as slurmctld knows it ("UNKNOWN" once it forgot the job)."""
         out = self.run("scontrol", "show", "job", job_id, check=False).stdout
         for field in out.split():
             if field.startswith("JobState="):
                 return field.split("=", 1)[1]
         return "UNKNOWN"
 
+    def sacct_state(self, job_id: str) -> str:
+        """The job's state in the accounting database ("UNKNOWN" until slurmdbd has it).
+
+        sacct may say "CANCELLED by 0": only the state's name is returned."""
+        proc = self.run("sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State", check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"sacct failed: {proc.stderr.strip()}")
+        lines = proc.stdout.split()
+        return lines[0] if lines else "UNKNOWN"
+
     def wait(self, job_id: str, timeout: float = 600) -> str:
         """Block until the job leaves PENDING/RUNNING/COMPLETING; return its final state."""
         deadline = time.monotonic() + timeout
+        state = "UNKNOWN"
         while time.monotonic() < deadline:
             state = self.job_state(job_id)
-            if state not in ("PENDING", "RUNNING", "COMPLETING", "CONFIGURING", "REQUEUED"):
+            # slurmctld forgets a job MinJobAge after it ended; the database does not.
+            if state == "UNKNOWN" and self.accounting:
+                state = self.sacct_state(job_id)
+            if state not in ACTIVE_STATES:
                 return state
             time.sleep(1)
-        raise TimeoutError(f"SLURM job {job_id} still {self.job_state(job_id)} after {timeout} s")
+        raise TimeoutError(f"SLURM job {job_id} still {state} after {timeout} s")
 
 
-def install() -> None:
-    """Install munge and SLURM with apt where they are missing (needs root)."""
-    if all(shutil.which(b) for b in ("munged", "slurmctld", "slurmd", "sbatch")):
+def _which(*names: str) -> str | None:
+    """The first of ``names`` on PATH (MariaDB renamed its programs; both names exist)."""
+    return next((path for name in names if (path := shutil.which(name))), None)
+
+
+def install(accounting: bool = True) -> None:
+    """Install munge and SLURM, and slurmdbd and MariaDB for accounting, with apt where they
+    are missing (needs root)."""
+    found = [_which(b) for b in ("munged", "slurmctld", "slurmd", "sbatch")]
+    packages = list(PACKAGES)
+    if accounting:
+        found += [_which("slurmdbd"), _which("mariadbd", "mysqld")]
+        found += [_which("mariadb-install-db", "mysql_install_db"), _which("mariadb", "mysql")]
+        packages += ACCOUNTING_PACKAGES
+    if all(found):
         return
     if os.geteuid() != 0 or not shutil.which("apt-get"):
         raise RuntimeError(
             "SLURM and munge are not installed and cannot be installed here (needs root and "
-            f"apt-get): install {' '.join(PACKAGES)} first"
+            f"apt-get): install {' '.join(packages)} first"
         )
-    cmd = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES]
+    # Debian's policy-rc.d (containers) or the missing systemd keeps apt from starting the
+    # system's own MariaDB and slurmdbd; up() starts private ones.
+    cmd = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages]
     if subprocess.run(cmd, capture_output=True).returncode != 0:
         subprocess.run(["apt-get", "update", "-qq"], check=True, capture_output=True)
         subprocess.run(cmd, check=True, capture_output=True)
@@ -131,25 +216,43 @@ def _node_line(host: str) -> str:
     return f"NodeName={host} NodeAddr=127.0.0.1 {layout} RealMemory={memory} State=UNKNOWN"
 
 
-def up(directory: str | Path, timeout: float = 60) -> LocalSlurm:
-    """Install if needed, write the config under ``directory``, start munged, slurmctld and
-    slurmd, and wait until the node accepts jobs."""
-    install()
-    d = Path(directory).resolve()
-    for sub in ("state", "spool", "munge"):
-        (d / sub).mkdir(parents=True, exist_ok=True)
+def _wait_for(ready: Callable[[], bool], deadline: float, what: str, d: Path) -> None:
+    while not ready():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not come up in time; see {d}/*.log")
+        time.sleep(0.3)
+
+
+def _write_configs(d: Path, dbd_port: int | None) -> None:
+    """slurm.conf, and for accounting slurmdbd.conf, in ``d``."""
     host = socket.gethostname().split(".")[0]
     munge_socket = d / "munge" / MUNGE_SOCKET
+    accounting = "AccountingStorageType=accounting_storage/none"
+    if dbd_port is not None:
+        accounting = ACCOUNTING_LINES.format(dbd_port=dbd_port, munge_socket=munge_socket)
+        dbd_conf = SLURMDBD_CONF.format(
+            dbd_port=dbd_port, munge_socket=munge_socket, dir=d, database=DATABASE
+        )
+        fd = os.open(d / "slurmdbd.conf", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(dbd_conf)
+        os.chmod(d / "slurmdbd.conf", 0o600)  # an older file keeps its mode otherwise
     (d / "slurm.conf").write_text(
         SLURM_CONF.format(
+            cluster=CLUSTER,
             host=host,
             dir=d,
             ctld_port=_free_port(),
             slurmd_port=_free_port(),
             munge_socket=munge_socket,
+            accounting=accounting,
             node_line=_node_line(host),
         )
     )
+
+
+def _start_munged(d: Path) -> None:
+    munge_socket = d / "munge" / MUNGE_SOCKET
     key = d / "munge" / "munge.key"
     if not key.exists():
         key.write_bytes(os.urandom(1024))
@@ -160,56 +263,155 @@ def up(directory: str | Path, timeout: float = 60) -> LocalSlurm:
          f"--seed-file={d / 'munge' / 'munged.seed'}"],
         check=True, capture_output=True,
     )  # fmt: skip
-    cluster = LocalSlurm(d)
-    subprocess.run(["slurmctld", "-f", str(cluster.conf)], check=True, env=cluster.env)
-    subprocess.run(["slurmd", "-f", str(cluster.conf)], check=True, env=cluster.env)
+
+
+def _start_mariadb(d: Path, deadline: float) -> None:
+    """A private MariaDB server on a unix socket in ``d`` (no TCP), with the database."""
+    datadir, sock, marker = d / "mysql", d / MYSQL_SOCKET, d / "mysql.initialised"
+    # --no-defaults everywhere: /etc/mysql names the system server's socket, pid and datadir.
+    if not marker.exists():  # a datadir without the marker is a half-done first try
+        shutil.rmtree(datadir, ignore_errors=True)
+        subprocess.run(
+            [_which("mariadb-install-db", "mysql_install_db") or "mariadb-install-db",
+             "--no-defaults", f"--datadir={datadir}", "--user=root",
+             "--auth-root-authentication-method=socket", "--skip-test-db"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        marker.touch()
+    # mariadbd does not daemonize: its own session keeps it out of the caller's Ctrl-C.
+    # slurmdbd logs that innodb_buffer_pool_size and innodb_lock_wait_timeout are below what it
+    # recommends; that matters for big clusters' databases, not for this one.
+    server = subprocess.Popen(
+        [_which("mariadbd", "mysqld") or "mariadbd", "--no-defaults", f"--datadir={datadir}",
+         f"--socket={sock}", f"--pid-file={d / 'mariadb.pid'}", "--skip-networking",
+         f"--log-error={d / 'mariadb.log'}", "--user=root"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    # root@localhost authenticates by the socket's peer (unix_socket), so no password.
+    create = [_which("mariadb", "mysql") or "mariadb", "--no-defaults", f"--socket={sock}",
+              "--user=root", "-e", f"CREATE DATABASE IF NOT EXISTS {DATABASE}"]  # fmt: skip
+
+    def ready() -> bool:
+        if server.poll() is not None:
+            raise RuntimeError(f"MariaDB exited with {server.returncode}; see {d}/mariadb.log")
+        return subprocess.run(create, capture_output=True).returncode == 0
+
+    _wait_for(ready, deadline, "MariaDB", d)
+
+
+def _start_slurmdbd(cluster: LocalSlurm, deadline: float) -> None:
+    """slurmdbd on the private MariaDB, and this cluster registered with it."""
+    d = cluster.dir
+    env = {**cluster.env, "MYSQL_UNIX_PORT": str(d / MYSQL_SOCKET)}
+    subprocess.run(["slurmdbd"], check=True, env=env)  # forks; ready once sacctmgr answers
+    listing = ("sacctmgr", "-n", "-P", "list", "cluster", "format=Cluster")
+
+    def answers() -> bool:
+        return cluster.run(*listing, check=False).returncode == 0
+
+    _wait_for(answers, deadline, "slurmdbd", d)
+    # Without the cluster in the database slurmctld's jobs are not recorded.
+    if CLUSTER not in cluster.run(*listing).stdout.split():
+        cluster.run("sacctmgr", "-i", "add", "cluster", CLUSTER)
+
+
+def up(directory: str | Path, accounting: bool = True, timeout: float = 120) -> LocalSlurm:
+    """Install if needed, write the config under ``directory``, start munged, (with
+    ``accounting``) MariaDB and slurmdbd, slurmctld and slurmd, and wait until the node accepts
+    jobs. A failed start stops what it started."""
+    install(accounting)
+    d = Path(directory).resolve()
+    for sub in ("state", "spool", "munge"):
+        (d / sub).mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        state = cluster.run("sinfo", "-h", "-o", "%t", check=False).stdout.strip()
-        if state in ("idle", "mix", "alloc"):
-            return cluster
-        time.sleep(0.3)
-    down(d)
-    raise RuntimeError(f"the local SLURM node did not come up in {timeout} s; see {d}/*.log")
+    cluster = LocalSlurm(d)
+    try:
+        _write_configs(d, _free_port() if accounting else None)
+        _start_munged(d)
+        if accounting:
+            _start_mariadb(d, deadline)
+            _start_slurmdbd(cluster, deadline)
+        subprocess.run(["slurmctld", "-f", str(cluster.conf)], check=True, env=cluster.env)
+        subprocess.run(["slurmd", "-f", str(cluster.conf)], check=True, env=cluster.env)
+
+        def node_ready() -> bool:
+            state = cluster.run("sinfo", "-h", "-o", "%t", check=False).stdout.strip()
+            return state in ("idle", "mix", "alloc")
+
+        _wait_for(node_ready, deadline, "the local SLURM node", d)
+    except BaseException:
+        down(d)
+        raise
+    return cluster
 
 
 def down(directory: str | Path) -> None:
-    """Cancel jobs, then stop slurmd, slurmctld and munged by the PIDs they wrote."""
+    """Cancel jobs, then stop slurmd, slurmctld, slurmdbd, MariaDB and munged by the PIDs
+    they wrote."""
     d = Path(directory).resolve()
     cluster = LocalSlurm(d)
     if cluster.conf.exists() and shutil.which("scancel"):
+        # Killing slurmd leaves running steps alive: let slurmctld end the jobs first.
         cluster.run("scancel", "--user=root", check=False)
-    for name in ("slurmd", "slurmctld", "munged"):
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            squeue = cluster.run("squeue", "-h", "-o", "%i", check=False)
+            if squeue.returncode != 0 or not squeue.stdout.strip():
+                break
+            time.sleep(0.5)
+    for name, comms in DAEMONS.items():
         pid_file = d / f"{name}.pid"
         if not pid_file.exists():
             continue
-        pid = int(pid_file.read_text().split()[0])
-        _stop(pid)
+        _stop(int(pid_file.read_text().split()[0]), comms)
         pid_file.unlink(missing_ok=True)
 
 
-def _stop(pid: int, timeout: float = 10) -> None:
+def _alive(pid: int, comms: tuple[str, ...]) -> bool:
+    """Whether ``pid`` is a live process named one of ``comms``: a stale PID file may name a
+    process that reused the number. A zombie is gone once its last thread is: a daemon whose
+    main thread returned shows as a zombie while its other threads still shut down."""
     try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return False
+    status = dict(line.split(":", 1) for line in lines if ":" in line)
+    if status["State"].split()[0] == "Z" and int(status["Threads"]) <= 1:
+        with contextlib.suppress(ChildProcessError):  # ours (mariadbd): reap it
+            os.waitpid(pid, os.WNOHANG)
+        return False
+    return status["Name"].strip() in comms
+
+
+def _stop(pid: int, comms: tuple[str, ...], timeout: float = 10) -> None:
+    if not _alive(pid, comms):
         return
+    os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not _alive(pid, comms):
             return
         time.sleep(0.1)
     os.kill(pid, signal.SIGKILL)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m jobs.slurm_local", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m jobs.slurm_local",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("action", choices=["up", "down"])
-    parser.add_argument("dir", help="folder for config, state, logs and PID files")
+    parser.add_argument("dir", help="folder for config, state, database, logs and PID files")
+    parser.add_argument(
+        "--no-accounting",
+        action="store_true",
+        help="up: no slurmdbd/MariaDB (quicker; sacct then fails)",
+    )
     args = parser.parse_args(argv)
     if args.action == "up":
-        cluster = up(args.dir)
+        cluster = up(args.dir, accounting=not args.no_accounting)
         print(f"SLURM is up. Point clients at it with:\n  export SLURM_CONF={cluster.conf}")
     else:
         down(args.dir)

@@ -47,12 +47,13 @@ def compose(tmp_path) -> Callable[..., object]:
 
 @pytest.fixture(scope="session")
 def slurm(tmp_path_factory):
-    """A one-node SLURM cluster for this test session (installed with apt if missing),
-    stopped by the PIDs its daemons wrote."""
+    """A one-node SLURM cluster for this test session (installed with apt if missing), with
+    job accounting (slurmdbd + a private MariaDB) so `sacct` works, stopped by the PIDs its
+    daemons wrote."""
     from jobs.slurm_local import down, up
 
     directory = tmp_path_factory.mktemp("slurm")
-    cluster = up(directory)
+    cluster = up(directory, accounting=True)
     try:
         yield cluster
     finally:
