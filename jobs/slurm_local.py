@@ -156,6 +156,16 @@ class LocalSlurm:
         lines = proc.stdout.split()
         return lines[0] if lines else "UNKNOWN"
 
+    def final_sacct_state(self, job_id: str, timeout: float = 60) -> str:
+        """The job's state in the accounting database once it stops changing: slurmdbd hears
+        of the job's end a moment after slurmctld, and until then reports RUNNING or nothing."""
+        deadline = time.monotonic() + timeout
+        state = self.sacct_state(job_id)
+        while (state == "UNKNOWN" or state in ACTIVE_STATES) and time.monotonic() < deadline:
+            time.sleep(1)
+            state = self.sacct_state(job_id)
+        return state
+
     def wait(self, job_id: str, timeout: float = 600) -> str:
         """Block until the job leaves PENDING/RUNNING/COMPLETING; return its final state."""
         deadline = time.monotonic() + timeout

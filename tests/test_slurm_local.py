@@ -3,10 +3,9 @@ submitit polls), and a batch job's output lands where `--output` says."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
-from jobs.slurm_local import ACTIVE_STATES, LocalSlurm
+from jobs.slurm_local import LocalSlurm
 
 
 def _submit(cluster: LocalSlurm, out_dir: Path, command: str) -> str:
@@ -17,28 +16,15 @@ def _submit(cluster: LocalSlurm, out_dir: Path, command: str) -> str:
     return out.strip().split(";")[0]  # "ID" or "ID;cluster"
 
 
-def _final_sacct_state(cluster: LocalSlurm, job_id: str, timeout: float = 60) -> str:
-    """The job's state in the accounting database once it stops changing: slurmdbd hears of
-    the job's end a moment after slurmctld, and until then reports RUNNING or nothing."""
-    deadline = time.monotonic() + timeout
-    state = cluster.sacct_state(job_id)
-    while state == "UNKNOWN" or state in ACTIVE_STATES:
-        if time.monotonic() > deadline:
-            break
-        time.sleep(1)
-        state = cluster.sacct_state(job_id)
-    return state
-
-
 def test_sacct_reports_completed_job_and_its_output(slurm: LocalSlurm, tmp_path: Path) -> None:
     job = _submit(slurm, tmp_path, "echo hi")
-    assert _final_sacct_state(slurm, job) == "COMPLETED"
+    assert slurm.final_sacct_state(job) == "COMPLETED"
     assert slurm.wait(job, timeout=60) == "COMPLETED"
     assert (tmp_path / f"{job}.out").read_text().strip() == "hi"
 
 
 def test_sacct_reports_failed_job_with_its_exit_code(slurm: LocalSlurm, tmp_path: Path) -> None:
     job = _submit(slurm, tmp_path, "exit 3")
-    assert _final_sacct_state(slurm, job) == "FAILED"
+    assert slurm.final_sacct_state(job) == "FAILED"
     exit_code = slurm.run("sacct", "-j", job, "-X", "-n", "-P", "-o", "ExitCode").stdout
     assert exit_code.strip() == "3:0"
