@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import k8s_schema
 import pytest
+import torch
 import yaml
 from img2dataset_env import free_port
 
@@ -150,29 +153,53 @@ def kubelet_expand(args: list[str], env: dict[str, str]) -> list[str]:
 
 
 @pytest.mark.slow
-def test_the_pods_torchrun_command_trains_two_processes_here(
+def test_the_pods_torchrun_command_trains_two_processes_and_resumes_after_a_kill(
     demo_shards: Path, tmp_path: Path
 ) -> None:
     """The PyTorchJob's container command, with the env the operator gives the master pod
-    (RANK=0, MASTER_ADDR/PORT), runs here: torchrun starts 2 CPU processes that train DDP."""
-    port = free_port()
+    (RANK=0, MASTER_ADDR/PORT), runs here: torchrun starts 2 CPU processes that train DDP.
+    Killed mid-run and started again unchanged (what the pod's restart policy does), it
+    resumes from its last checkpoint into the same run folder and MLflow run."""
+    port, steps = free_port(), 40
     launcher, job = prepare([
         "launcher=k8s", "+launcher.image=i", "launcher.gpus_per_node=0",
         "launcher.procs_per_node=2", f"launcher.output_dir={tmp_path}", "launcher.job_name=pod",
         f"launcher.master_port={port}", "experiment=tiny", f"data.urls={demo_shards}",
-        "batch.global_size=8", "strategy=ddp",
+        "batch.global_size=8", "strategy=ddp", f"trainer.max_steps={steps}",
+        "callbacks.checkpoint.every_n_train_steps=4",
     ])  # fmt: skip
     (doc,) = yaml.safe_load_all(launcher.render(job))
     (pod,) = pod_specs(doc)
-    command = pod["containers"][0]["command"]
     operator_env = {"RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    command = kubelet_expand(pod["containers"][0]["command"], operator_env)
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env |= operator_env | {"PATH": f"{BIN}:{env['PATH']}", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(kubelet_expand(command, operator_env), env=env, capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
+    run = tmp_path / "runs" / "pod"
+
+    first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while not (run / "checkpoints" / "last.ckpt").exists() and first.poll() is None:
+            assert time.monotonic() < deadline, "no checkpoint after 300 s"
+            time.sleep(0.2)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the node goes away: no handler runs
+        first.wait()
+    killed_at = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+    assert 0 < killed_at < steps
+
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-5000:]
     assert "global batch 8 = 4 per device x 2 devices x 1 accumulation steps" in out
-    run = tmp_path / "runs" / "pod"
+    assert f"Resuming from {run / 'checkpoints' / 'last.ckpt'}" in out
     assert (run / "export" / "model_index.json").is_file()
     assert (run / "ldm-train-rank1.log").is_file()  # two ranks, one run folder
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    (mlrun,) = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    logged = {m.step for m in client.get_metric_history(mlrun.info.run_id, "train/loss")}
+    assert logged == set(range(steps))  # steps after the checkpoint are logged again
