@@ -25,16 +25,22 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from jobs.slurm_accounting import (
+    ACCOUNTING_LINES,
+    CLUSTER,
+    start_mariadb,
+    start_slurmdbd,
+    wait_for,
+    which,
+    write_slurmdbd_conf,
+)
 
 PACKAGES = ["munge", "slurmctld", "slurmd", "slurm-client"]
 ACCOUNTING_PACKAGES = ["slurmdbd", "mariadb-server"]
 MUNGE_SOCKET = "munge.socket"
-MYSQL_SOCKET = "mysql.sock"
-DATABASE = "slurm_acct_db"
-CLUSTER = "local"
 # Daemons in the order down() stops them (compute node first, munge last: the others need it
 # to say goodbye), with the process name that /proc/PID/comm must show.
 DAEMONS = {
@@ -80,34 +86,6 @@ MinJobAge=300
 ReturnToService=2
 {node_line}
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
-"""
-
-# For accounting_storage/slurmdbd, AccountingStoragePass names the munge socket that clients
-# and slurmctld use towards slurmdbd; AuthInfo's socket= is not used for that connection.
-ACCOUNTING_LINES = """\
-AccountingStorageType=accounting_storage/slurmdbd
-AccountingStorageHost=localhost
-AccountingStoragePort={dbd_port}
-AccountingStoragePass={munge_socket}"""
-
-# slurmdbd has no option for its config file: it reads slurmdbd.conf from the folder of
-# $SLURM_CONF, and refuses it unless it is mode 600 and owned by SlurmUser.
-# StorageHost=localhost makes MariaDB's client library use a unix socket (StoragePort is then
-# unused). slurmdbd 22.05 has no setting for the socket's path and reads no my.cnf (a
-# $MARIADB_HOME/my.cnf was ignored), but libmariadb takes $MYSQL_UNIX_PORT, which up() sets
-# to DIR/mysql.sock in slurmdbd's environment.
-SLURMDBD_CONF = """\
-DbdHost=localhost
-DbdPort={dbd_port}
-SlurmUser=root
-AuthType=auth/munge
-AuthInfo=socket={munge_socket}
-PidFile={dir}/slurmdbd.pid
-LogFile={dir}/slurmdbd.log
-StorageType=accounting_storage/mysql
-StorageHost=localhost
-StorageUser=root
-StorageLoc={database}
 """
 
 
@@ -181,19 +159,14 @@ class LocalSlurm:
         raise TimeoutError(f"SLURM job {job_id} still {state} after {timeout} s")
 
 
-def _which(*names: str) -> str | None:
-    """The first of ``names`` on PATH (MariaDB renamed its programs; both names exist)."""
-    return next((path for name in names if (path := shutil.which(name))), None)
-
-
 def install(accounting: bool = True) -> None:
     """Install munge and SLURM, and slurmdbd and MariaDB for accounting, with apt where they
     are missing (needs root)."""
-    found = [_which(b) for b in ("munged", "slurmctld", "slurmd", "sbatch")]
+    found = [which(b) for b in ("munged", "slurmctld", "slurmd", "sbatch")]
     packages = list(PACKAGES)
     if accounting:
-        found += [_which("slurmdbd"), _which("mariadbd", "mysqld")]
-        found += [_which("mariadb-install-db", "mysql_install_db"), _which("mariadb", "mysql")]
+        found += [which("slurmdbd"), which("mariadbd", "mysqld")]
+        found += [which("mariadb-install-db", "mysql_install_db"), which("mariadb", "mysql")]
         packages += ACCOUNTING_PACKAGES
     if all(found):
         return
@@ -226,13 +199,6 @@ def _node_line(host: str) -> str:
     return f"NodeName={host} NodeAddr=127.0.0.1 {layout} RealMemory={memory} State=UNKNOWN"
 
 
-def _wait_for(ready: Callable[[], bool], deadline: float, what: str, d: Path) -> None:
-    while not ready():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{what} did not come up in time; see {d}/*.log")
-        time.sleep(0.3)
-
-
 def _write_configs(d: Path, dbd_port: int | None) -> None:
     """slurm.conf, and for accounting slurmdbd.conf, in ``d``."""
     host = socket.gethostname().split(".")[0]
@@ -240,13 +206,7 @@ def _write_configs(d: Path, dbd_port: int | None) -> None:
     accounting = "AccountingStorageType=accounting_storage/none"
     if dbd_port is not None:
         accounting = ACCOUNTING_LINES.format(dbd_port=dbd_port, munge_socket=munge_socket)
-        dbd_conf = SLURMDBD_CONF.format(
-            dbd_port=dbd_port, munge_socket=munge_socket, dir=d, database=DATABASE
-        )
-        fd = os.open(d / "slurmdbd.conf", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(dbd_conf)
-        os.chmod(d / "slurmdbd.conf", 0o600)  # an older file keeps its mode otherwise
+        write_slurmdbd_conf(d, dbd_port, munge_socket)
     (d / "slurm.conf").write_text(
         SLURM_CONF.format(
             cluster=CLUSTER,
@@ -275,57 +235,6 @@ def _start_munged(d: Path) -> None:
     )  # fmt: skip
 
 
-def _start_mariadb(d: Path, deadline: float) -> None:
-    """A private MariaDB server on a unix socket in ``d`` (no TCP), with the database."""
-    datadir, sock, marker = d / "mysql", d / MYSQL_SOCKET, d / "mysql.initialised"
-    # --no-defaults everywhere: /etc/mysql names the system server's socket, pid and datadir.
-    if not marker.exists():  # a datadir without the marker is a half-done first try
-        shutil.rmtree(datadir, ignore_errors=True)
-        subprocess.run(
-            [_which("mariadb-install-db", "mysql_install_db") or "mariadb-install-db",
-             "--no-defaults", f"--datadir={datadir}", "--user=root",
-             "--auth-root-authentication-method=socket", "--skip-test-db"],
-            check=True, capture_output=True,
-        )  # fmt: skip
-        marker.touch()
-    # mariadbd does not daemonize: its own session keeps it out of the caller's Ctrl-C.
-    # slurmdbd logs that innodb_buffer_pool_size and innodb_lock_wait_timeout are below what it
-    # recommends; that matters for big clusters' databases, not for this one.
-    server = subprocess.Popen(
-        [_which("mariadbd", "mysqld") or "mariadbd", "--no-defaults", f"--datadir={datadir}",
-         f"--socket={sock}", f"--pid-file={d / 'mariadb.pid'}", "--skip-networking",
-         f"--log-error={d / 'mariadb.log'}", "--user=root"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )  # fmt: skip
-    # root@localhost authenticates by the socket's peer (unix_socket), so no password.
-    create = [_which("mariadb", "mysql") or "mariadb", "--no-defaults", f"--socket={sock}",
-              "--user=root", "-e", f"CREATE DATABASE IF NOT EXISTS {DATABASE}"]  # fmt: skip
-
-    def ready() -> bool:
-        if server.poll() is not None:
-            raise RuntimeError(f"MariaDB exited with {server.returncode}; see {d}/mariadb.log")
-        return subprocess.run(create, capture_output=True).returncode == 0
-
-    _wait_for(ready, deadline, "MariaDB", d)
-
-
-def _start_slurmdbd(cluster: LocalSlurm, deadline: float) -> None:
-    """slurmdbd on the private MariaDB, and this cluster registered with it."""
-    d = cluster.dir
-    env = {**cluster.env, "MYSQL_UNIX_PORT": str(d / MYSQL_SOCKET)}
-    subprocess.run(["slurmdbd"], check=True, env=env)  # forks; ready once sacctmgr answers
-    listing = ("sacctmgr", "-n", "-P", "list", "cluster", "format=Cluster")
-
-    def answers() -> bool:
-        return cluster.run(*listing, check=False).returncode == 0
-
-    _wait_for(answers, deadline, "slurmdbd", d)
-    # Without the cluster in the database slurmctld's jobs are not recorded.
-    if CLUSTER not in cluster.run(*listing).stdout.split():
-        cluster.run("sacctmgr", "-i", "add", "cluster", CLUSTER)
-
-
 def up(directory: str | Path, accounting: bool = True, timeout: float = 120) -> LocalSlurm:
     """Install if needed, write the config under ``directory``, start munged, (with
     ``accounting``) MariaDB and slurmdbd, slurmctld and slurmd, and wait until the node accepts
@@ -340,8 +249,8 @@ def up(directory: str | Path, accounting: bool = True, timeout: float = 120) -> 
         _write_configs(d, _free_port() if accounting else None)
         _start_munged(d)
         if accounting:
-            _start_mariadb(d, deadline)
-            _start_slurmdbd(cluster, deadline)
+            start_mariadb(d, deadline)
+            start_slurmdbd(cluster, deadline)
         subprocess.run(["slurmctld", "-f", str(cluster.conf)], check=True, env=cluster.env)
         subprocess.run(["slurmd", "-f", str(cluster.conf)], check=True, env=cluster.env)
 
@@ -349,7 +258,7 @@ def up(directory: str | Path, accounting: bool = True, timeout: float = 120) -> 
             state = cluster.run("sinfo", "-h", "-o", "%t", check=False).stdout.strip()
             return state in ("idle", "mix", "alloc")
 
-        _wait_for(node_ready, deadline, "the local SLURM node", d)
+        wait_for(node_ready, deadline, "the local SLURM node", d)
     except BaseException:
         down(d)
         raise
