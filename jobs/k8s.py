@@ -95,8 +95,14 @@ class KubernetesLauncher(Launcher):
             *self.train_args(job),
         ]
 
-    def env_vars(self) -> list[dict[str, Any]]:
-        env: list[dict[str, Any]] = []
+    def env_vars(self, job: Job) -> list[dict[str, Any]]:
+        # Lineage: the run's MLflow tags name the pod and job that ran it (train/lineage.py).
+        env: list[dict[str, Any]] = [
+            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            {"name": "POD_NAMESPACE",
+             "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+            {"name": "LDM_JOB_NAME", "value": job.name},
+        ]  # fmt: skip
         if self.mlflow_tracking_uri:
             env.append({"name": "MLFLOW_TRACKING_URI", "value": self.mlflow_tracking_uri})
         if self.mlflow_secret:
@@ -118,7 +124,7 @@ class KubernetesLauncher(Launcher):
             "image": self.image,
             "imagePullPolicy": "IfNotPresent",
             "command": self.command(job),
-            "env": self.env_vars(),
+            "env": self.env_vars(job),
             "ports": [{"name": "rendezvous", "containerPort": self.master_port}],
             "resources": {"limits": limits, "requests": requests},
             "volumeMounts": [

@@ -3,6 +3,7 @@ config params, metric histories, lineage tags, artifacts, and the same run after
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import platform
@@ -12,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from train.run import RUN_ID_FILE, run
@@ -141,6 +143,54 @@ def test_lineage_tags(tracked):
         assert tags["git.dirty"] in ("True", "False")
     else:
         assert "mlflow.source.git.commit" not in tags
+
+
+def test_package_versions_and_dataset_lineage(tracked, demo_shards):
+    from importlib import metadata
+
+    _, client, run_id = tracked
+    tags = client.get_run(run_id).data.tags
+    for package in ("torch", "lightning", "diffusers", "mlflow", "ldm-pipeline"):
+        assert tags[f"version.{package}"] == metadata.version(package)
+    assert tags["dataset.patterns"] == str(demo_shards)
+    assert tags["dataset.num_shards"] == "2" and tags["dataset.num_samples"] == "64"
+    manifest = client.download_artifacts(run_id, "dataset/dataset_manifest.tsv")
+    rows = Path(manifest).read_text().splitlines()
+    assert rows[0] == "split\tshard\tsamples\tweight" and len(rows) == 3
+    assert {r.split("\t")[2] for r in rows[1:]} == {"32"}
+    digest = hashlib.sha256(Path(manifest).read_bytes()).hexdigest()
+    assert tags["dataset.manifest_sha256"] == digest
+    requirements = Path(client.download_artifacts(run_id, "environment/requirements.txt"))
+    assert f"torch=={metadata.version('torch')}" in requirements.read_text().splitlines()
+
+
+def test_resolved_config_is_an_artifact(tracked):
+    cfg, client, run_id = tracked
+    logged = yaml.safe_load(
+        Path(client.download_artifacts(run_id, "config/config.yaml")).read_text()
+    )
+    assert logged["trainer"]["max_steps"] == MAX_STEPS
+    assert logged["paths"]["run_dir"] == cfg.paths.run_dir  # resolved, not ${...}
+    assert "hydra" not in logged
+
+
+def test_export_is_a_registered_model_version_linked_to_the_run(tracked):
+    cfg, client, run_id = tracked
+    (version,) = client.search_model_versions(f"name='ldm-{cfg.experiment_name}'")
+    assert version.run_id == run_id
+    assert version.source == f"runs:/{run_id}/export"
+    assert version.tags["format"] == "diffusers"
+
+
+def test_checkpoint_paths_are_tags_and_the_run_id_is_in_the_checkpoint(tracked):
+    import torch
+
+    cfg, client, run_id = tracked
+    tags = client.get_run(run_id).data.tags
+    last = Path(cfg.paths.run_dir) / "checkpoints" / "last.ckpt"
+    assert tags["checkpoint.last"] == str(last.resolve())
+    assert Path(tags["checkpoint.best"]).is_file()
+    assert torch.load(last, weights_only=True)["ldm_mlflow_run_id"] == run_id
 
 
 def test_export_and_final_samples_are_artifacts(tracked, tmp_path):

@@ -15,7 +15,7 @@ from train.config_check import ConfigError
 from train.ema import EMA
 from train.preemption import preempted
 from train.sharding import full_state_dict, is_sharded
-from train.tracking import log_artifact
+from train.tracking import MLFLOW_RUN_ID_KEY, log_artifact, mlflow_loggers, register_export
 
 
 class GradNormMonitor(L.Callback):
@@ -126,8 +126,10 @@ class ExportOnTrainEnd(L.Callback):
     ones when the EMA callback is on; only global rank 0 writes.
     """
 
-    def __init__(self, dirname: str = "export", log_to_mlflow: bool = True) -> None:
-        self.dirname, self.log_to_mlflow = dirname, log_to_mlflow
+    def __init__(
+        self, dirname: str = "export", log_to_mlflow: bool = True, register_as: str | None = None
+    ) -> None:
+        self.dirname, self.log_to_mlflow, self.register_as = dirname, log_to_mlflow, register_as
         self.path: Path | None = None
 
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -142,6 +144,8 @@ class ExportOnTrainEnd(L.Callback):
         self.path = pl_module.export(Path(trainer.default_root_dir) / self.dirname, **extra)
         if self.log_to_mlflow:
             log_artifact(trainer, self.path, self.dirname)
+            if self.register_as:
+                register_export(trainer, self.register_as, self.dirname)
 
 
 def check_whole_weights(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -172,13 +176,16 @@ def output_weights(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str
 
 
 class ConfigInCheckpoint(L.Callback):
-    """Stores the resolved config in each checkpoint so `ldm-export CKPT` can rebuild the model."""
+    """Stores the resolved config in each checkpoint so `ldm-export CKPT` can rebuild the model,
+    and the MLflow run id, so a resume from a copied checkpoint continues the same run."""
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = config
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         checkpoint["ldm_config"] = self.config
+        for logger in mlflow_loggers(trainer):
+            checkpoint[MLFLOW_RUN_ID_KEY] = logger.run_id
 
 
 def samples_in_batch(batch: dict) -> int:

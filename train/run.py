@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import Logger, MLFlowLogger
@@ -15,8 +16,16 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from train.batching import BatchPlan, plan_batch, scaled_lr
 from train.callbacks import ConfigInCheckpoint, ExportOnTrainEnd, SamplePreview
 from train.config_check import ConfigError, check_config
+from train.lineage import dataset_manifest, requirements
 from train.preemption import hpc_checkpoints, resolve_checkpoint
-from train.tracking import describe_run, flatten_for_params, run_tags
+from train.tracking import (
+    MLFLOW_RUN_ID_KEY,
+    describe_run,
+    flatten_for_params,
+    log_text,
+    mlflow_loggers,
+    run_tags,
+)
 from train.util import launched_rank
 
 log = logging.getLogger(__name__)
@@ -31,7 +40,7 @@ def run(cfg: DictConfig) -> float | None:
     ckpt_path = resolve_checkpoint(cfg.ckpt_path, run_dir, checkpoint_dir(cfg))
     L.seed_everything(cfg.seed, workers=True)
 
-    loggers = build_loggers(cfg.logger, run_dir, resuming=ckpt_path is not None)
+    loggers = build_loggers(cfg.logger, run_dir, ckpt_path)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     if not loggers:
         # logger=none: LearningRateMonitor refuses a Trainer without loggers (nowhere to log).
@@ -50,6 +59,7 @@ def run(cfg: DictConfig) -> float | None:
         print(f"{plan.describe()}; lr {cfg.model.optimizer.lr:g}", flush=True)
     log_params(loggers, resolved, resuming=ckpt_path is not None)
     remember_run_ids(trainer, run_dir)
+    record_lineage(trainer, resolved, datamodule, run_dir)
     if trainer.is_global_zero and cfg.ckpt_path == "last":
         print(f"Resuming from {ckpt_path}" if ckpt_path else "No checkpoint yet: fresh start",
               flush=True)  # fmt: skip
@@ -118,7 +128,7 @@ def check_resolution(datamodule: Any, module: Any) -> None:
         )
 
 
-def build_loggers(cfg: DictConfig, run_dir: Path, resuming: bool) -> list[Logger]:
+def build_loggers(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -> list[Logger]:
     """Instantiate loggers; MLflow gets lineage tags and, on resume, the run it logged to before."""
     loggers = []
     for node in cfg.values():
@@ -131,11 +141,25 @@ def build_loggers(cfg: DictConfig, run_dir: Path, resuming: bool) -> list[Logger
                 # would have all of them create the tracking store at once (sqlite races).
                 continue
             extra["tags"] = {**run_tags(), **(node.get("tags") or {})}
-            id_file = run_dir / RUN_ID_FILE
-            if resuming and id_file.exists():
-                extra["run_id"] = id_file.read_text().strip()
+            run_id = resume_run_id(run_dir, ckpt_path)
+            if run_id:
+                extra["run_id"] = run_id
         loggers.append(instantiate(node, **extra))
     return loggers
+
+
+def resume_run_id(run_dir: Path, ckpt_path: str | None) -> str | None:
+    """The MLflow run a resumed run continues: the run folder's record, else the one kept in the
+    checkpoint file (read memory-mapped: no tensor data is loaded)."""
+    if ckpt_path is None:
+        return None
+    id_file = run_dir / RUN_ID_FILE
+    if id_file.exists():
+        return id_file.read_text().strip()
+    if Path(ckpt_path).is_file():
+        ckpt = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=True)
+        return ckpt.get(MLFLOW_RUN_ID_KEY)
+    return None
 
 
 def log_params(loggers: list[Logger], resolved: dict, resuming: bool) -> None:
@@ -149,6 +173,22 @@ def log_params(loggers: list[Logger], resolved: dict, resuming: bool) -> None:
             logger.experiment.set_tag(logger.run_id, "resume_command", run_tags()["command"])
             continue
         logger.log_hyperparams(flatten_for_params(resolved))
+
+
+def record_lineage(trainer: L.Trainer, resolved: dict, datamodule: Any, run_dir: Path) -> None:
+    """Rank 0: the resolved config as a YAML artifact, the environment's packages, and the
+    dataset's description (tags) and shard manifest (artifact)."""
+    if not trainer.is_global_zero or not mlflow_loggers(trainer):
+        return
+    data = resolved.get("data") or {}
+    tags, manifest = dataset_manifest(datamodule, data.get("urls") or data.get("datasets"))
+    for logger in mlflow_loggers(trainer):
+        for key, value in tags.items():
+            logger.experiment.set_tag(logger.run_id, key, value)
+    config = {k: v for k, v in resolved.items() if k != "hydra"}
+    log_text(trainer, OmegaConf.to_yaml(config), run_dir / "config.yaml", "config")
+    log_text(trainer, manifest, run_dir / "dataset_manifest.tsv", "dataset")
+    log_text(trainer, requirements(), run_dir / "requirements.txt", "environment")
 
 
 def remember_run_ids(trainer: L.Trainer, run_dir: Path) -> None:

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-import os
 import platform
 import shlex
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.loggers import MLFlowLogger
+from mlflow.exceptions import MlflowException
+
+from train.lineage import environment_ids, package_versions
 
 
 def _git(*args: str) -> str | None:
@@ -28,6 +31,9 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+MLFLOW_RUN_ID_KEY = "ldm_mlflow_run_id"  # in checkpoints
+
+
 def run_tags() -> dict[str, str]:
     """Lineage tags: code version, host and the command that started the run."""
     tags = {
@@ -39,10 +45,7 @@ def run_tags() -> dict[str, str]:
     if commit:
         tags["mlflow.source.git.commit"] = commit
         tags["git.dirty"] = str(bool(_git("status", "--porcelain")))
-    for var in ("SLURM_JOB_ID", "TORCHELASTIC_RUN_ID"):
-        if os.environ.get(var):
-            tags[var.lower()] = os.environ[var]
-    return tags
+    return tags | package_versions() | environment_ids()
 
 
 def mlflow_loggers(trainer: L.Trainer) -> list[MLFlowLogger]:
@@ -57,6 +60,69 @@ def log_artifact(trainer: L.Trainer, path: str | Path, artifact_path: str) -> No
             logger.experiment.log_artifacts(logger.run_id, str(path), artifact_path)
         else:
             logger.experiment.log_artifact(logger.run_id, str(path), artifact_path)
+
+
+def log_text(trainer: L.Trainer, text: str, path: Path, artifact_path: str) -> None:
+    """Write `text` to `path` in the run folder and log that file to every MLflow run."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    log_artifact(trainer, path, artifact_path)
+
+
+def register_export(trainer: L.Trainer, name: str, artifact_path: str) -> None:
+    """Register the logged export folder as a new version of the registered model `name`, linked
+    to its run. A tracker that refuses (or is away) costs a warning, never the finished run."""
+    for logger in mlflow_loggers(trainer):
+        client, run_id = logger.experiment, logger.run_id
+        try:
+            try:
+                client.create_registered_model(name, description="ldm-pipeline exports")
+            except MlflowException as e:
+                if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+            version = client.create_model_version(
+                name,
+                source=f"runs:/{run_id}/{artifact_path}",
+                run_id=run_id,
+                tags={"format": "diffusers", "run_name": str(logger._run_name)},
+                description=f"diffusers folder exported by run {run_id}",
+            )
+            print(f"Registered model {name!r} version {version.version} (run {run_id})")
+        except (MlflowException, OSError) as e:
+            warnings.warn(
+                f"could not register the export as model {name!r}: {e}. The export is in the "
+                f"run's artifacts ({artifact_path}/); register it later with "
+                f"mlflow.register_model('runs:/{run_id}/{artifact_path}', {name!r})",
+                stacklevel=2,
+            )
+
+
+class CheckpointPathTags(L.Callback):
+    """Tags `checkpoint.last` and `checkpoint.best` with their paths on the shared filesystem:
+    the policy for models too big to upload (`logger.mlflow.log_model` uploads them instead:
+    `true` last and best at the end, `all` every save)."""
+
+    def __init__(self) -> None:
+        self._tagged: dict[str, str] = {}
+
+    def _update(self, trainer: L.Trainer) -> None:
+        cb = trainer.checkpoint_callback
+        if not trainer.is_global_zero or cb is None:
+            return
+        paths = {"checkpoint.last": cb.last_model_path, "checkpoint.best": cb.best_model_path}
+        for key, path in paths.items():
+            if path and self._tagged.get(key) != path:
+                for logger in mlflow_loggers(trainer):
+                    logger.experiment.set_tag(logger.run_id, key, str(Path(path).resolve()))
+                self._tagged[key] = path
+
+    # ModelCheckpoint saves after the other callbacks' batch-end hooks: a step late, and the
+    # final one at the end of training.
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._update(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._update(trainer)
 
 
 def describe_run(trainer: L.Trainer) -> list[str]:

@@ -1,0 +1,77 @@
+"""What a run records to be reproducible: package versions, the dataset it read, where it ran.
+
+Tags rather than params: MLflow params are immutable, and a resumed or requeued run may run on
+other hosts with other job ids; tags keep the latest values and params keep the first config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+from importlib import metadata
+from typing import Any
+
+# The libraries whose versions change what a run computes.
+PACKAGES = (
+    "ldm-pipeline", "torch", "lightning", "diffusers", "transformers", "mlflow", "deepspeed",
+    "webdataset", "hydra-core", "omegaconf", "safetensors", "numpy", "pillow",
+)  # fmt: skip
+# Scheduler and cluster identities, when set: SLURM, torchrun, and the Kubernetes pod (ldm-submit
+# passes POD_NAME/POD_NAMESPACE through the downward API and LDM_JOB_NAME).
+ENV_IDS = {
+    "SLURM_JOB_ID": "slurm_job_id",
+    "SLURM_ARRAY_JOB_ID": "slurm_array_job_id",
+    "SLURM_ARRAY_TASK_ID": "slurm_array_task_id",
+    "SLURM_RESTART_COUNT": "slurm_restart_count",
+    "SLURM_JOB_NODELIST": "slurm_nodelist",
+    "TORCHELASTIC_RUN_ID": "torchelastic_run_id",
+    "POD_NAME": "k8s.pod",
+    "POD_NAMESPACE": "k8s.namespace",
+    "LDM_JOB_NAME": "k8s.job",
+}
+
+
+def package_versions() -> dict[str, str]:
+    """`version.<package>` tags for the installed packages of PACKAGES, and Python's."""
+    tags = {"version.python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            tags[f"version.{name}"] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return tags
+
+
+def environment_ids() -> dict[str, str]:
+    return {tag: os.environ[var] for var, tag in ENV_IDS.items() if os.environ.get(var)}
+
+
+def requirements() -> str:
+    """`name==version` of every installed distribution (the whole environment), sorted."""
+    seen = {(d.metadata["Name"] or "?").lower(): d.version for d in metadata.distributions()}
+    return "".join(f"{name}=={version}\n" for name, version in sorted(seen.items()))
+
+
+def dataset_manifest(datamodule: Any, patterns: Any) -> tuple[dict[str, str], str]:
+    """Tags describing the training (and validation) shards, and the manifest they hash.
+
+    The manifest lists each shard with its sample count (and mixture weight); its SHA-256 tells
+    whether two runs read the same data without comparing shard lists by eye.
+    """
+    lines = ["split\tshard\tsamples\tweight"]
+    weights = getattr(datamodule, "weights", None) or [None] * len(datamodule.shards)
+    for shard, size, weight in zip(datamodule.shards, datamodule.sizes, weights, strict=False):
+        lines.append(f"train\t{shard}\t{size}\t{'' if weight is None else weight}")
+    for shard, size in zip(datamodule.val_shards or [], datamodule.val_sizes or [], strict=False):
+        lines.append(f"val\t{shard}\t{size}\t")
+    manifest = "\n".join(lines) + "\n"
+    tags = {
+        "dataset.patterns": str(patterns)[:5000],  # MLflow caps tag values
+        "dataset.num_shards": str(len(datamodule.shards)),
+        "dataset.num_samples": str(sum(datamodule.sizes)),
+        "dataset.manifest_sha256": hashlib.sha256(manifest.encode()).hexdigest(),
+    }
+    if datamodule.val_shards:
+        tags["dataset.val_num_samples"] = str(sum(datamodule.val_sizes or []))
+    return tags, manifest
