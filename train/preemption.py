@@ -6,8 +6,9 @@ wherever each rank happens to be (one rank mid-backward in a gradient all-reduce
 data loader), and the save's collectives can then interleave with the step's. Here the handler
 only sets a flag; every rank checks it after a whole optimizer step (one tiny all-reduce), so all
 ranks save the same step together. The requeued job (same SLURM_JOB_ID, SLURM_RESTART_COUNT+1)
-runs the same command with `ckpt_path=last`, which `resolve_checkpoint` maps to the newest of the
-periodic `last.ckpt` and these `hpc_ckpt_<n>.ckpt` (Lightning's name, so `ckpt_path=hpc` works).
+runs the same command with `ckpt_path=last`, which `checkpoint_io.resolve_checkpoint` maps to the
+newest whole one of these `hpc_ckpt_<n>.ckpt` (Lightning's name, so `ckpt_path=hpc` works too) and
+the periodic checkpoints.
 """
 
 from __future__ import annotations
@@ -106,16 +107,3 @@ def requeue_job() -> bool:
 
 def hpc_checkpoints(run_dir: Path) -> list[Path]:
     return [p for p in Path(run_dir).glob("hpc_ckpt_*.ckpt") if HPC_PATTERN.search(p.name)]
-
-
-def resolve_checkpoint(ckpt_path: str | None, run_dir: Path, last_dir: Path | None) -> str | None:
-    """`ckpt_path=last`: the newest of `last_dir/last.ckpt` and the run's preemption checkpoints,
-    or None (a fresh start) where there is none yet; any other value is returned as is."""
-    if ckpt_path != "last":
-        return ckpt_path
-    candidates = hpc_checkpoints(run_dir)
-    if last_dir is not None and (Path(last_dir) / "last.ckpt").exists():
-        candidates.append(Path(last_dir) / "last.ckpt")
-    if not candidates:
-        return None
-    return str(max(candidates, key=lambda p: p.stat().st_mtime))

@@ -15,9 +15,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from train.batching import BatchPlan, plan_batch, scaled_lr
 from train.callbacks import ConfigInCheckpoint, ExportOnTrainEnd, SamplePreview
+from train.checkpoint_io import resolve_checkpoint
 from train.config_check import ConfigError, check_config
 from train.lineage import dataset_manifest, requirements
-from train.preemption import hpc_checkpoints, resolve_checkpoint
+from train.preemption import hpc_checkpoints
 from train.tracking import (
     MLFLOW_RUN_ID_KEY,
     describe_run,
