@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import grad_norm
 
 from train.config_check import ConfigError
 from train.ema import EMA
+from train.guards import TrainingDiverged, weights_finite
 from train.preemption import preempted
 from train.sharding import full_state_dict, is_sharded
 from train.tracking import MLFLOW_RUN_ID_KEY, log_artifact, mlflow_loggers, register_export
@@ -138,6 +139,9 @@ class ExportOnTrainEnd(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         if preempted(trainer):
             return  # the requeued job resumes and exports at its real end
+        if not weights_finite(trainer, pl_module):
+            raise TrainingDiverged("the weights hold NaN/Inf at the end of training: no export "
+                                   "is written from them")  # fmt: skip
         extra = output_weights(trainer, pl_module)
         if not trainer.is_global_zero:
             return

@@ -20,6 +20,8 @@ CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def _app(cfg: DictConfig) -> float | None:
+    from train.checkpoint_io import CheckpointWriteError
+    from train.guards import TrainingDiverged
     from train.run import run  # heavy imports after the config is composed
 
     try:
@@ -27,6 +29,9 @@ def _app(cfg: DictConfig) -> float | None:
     except ConfigError as e:
         print(f"Config error: {e}", file=sys.stderr)
         sys.exit(2)
+    except (TrainingDiverged, CheckpointWriteError) as e:
+        print(f"Training stopped: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 def compose(overrides: Sequence[str]) -> DictConfig:
