@@ -49,17 +49,24 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.fsync(f.fileno())
             os.replace(tmp, path)
         except BaseException as e:
+            # torch.save reports a full disk as a RuntimeError ("unexpected pos"), not ENOSPC:
+            # look at the disk itself, before the partial file gives its space back.
+            full = (isinstance(e, OSError) and e.errno in DISK_FULL) or disk_full(path.parent)
             tmp.unlink(missing_ok=True)
-            if isinstance(e, OSError) and e.errno in DISK_FULL:
-                raise CheckpointWriteError(disk_full_message(path, e)) from e
+            if full:
+                raise CheckpointWriteError(disk_full_message(path)) from e
             raise
 
 
-def disk_full_message(path: Path, e: OSError) -> str:
+def disk_full(folder: Path, margin: int = 2**20) -> bool:
+    return shutil.disk_usage(folder).free < margin
+
+
+def disk_full_message(path: Path) -> str:
     free = shutil.disk_usage(path.parent).free / 2**20
     kept = "; ".join(p.name for p in sorted(path.parent.glob("*.ckpt"))) or "none"
     return (
-        f"could not write checkpoint {path}: {e.strerror} ({free:.0f} MiB free in "
+        f"could not write checkpoint {path}: No space left on device ({free:.0f} MiB free in "
         f"{path.parent}). Checkpoints already there are intact ({kept}). Free space, or "
         "point callbacks.checkpoint.dirpath at a larger filesystem, then resume with "
         "ckpt_path=last"
