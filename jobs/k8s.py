@@ -44,6 +44,7 @@ class KubernetesLauncher(Launcher):
         tolerations: list[dict[str, Any]] | None = None,
         mlflow_tracking_uri: str | None = None,
         mlflow_secret: str | None = None,
+        secret_env: dict[str, str] | None = None,
         run_as_user: int = 1000,
         max_restarts: int = 3,
         master_port: int = 29500,
@@ -62,6 +63,7 @@ class KubernetesLauncher(Launcher):
         self.pvc, self.mount_path, self.output_dir = pvc, mount_path, output_dir
         self.node_selector, self.tolerations = dict(node_selector or {}), list(tolerations or [])
         self.mlflow_tracking_uri, self.mlflow_secret = mlflow_tracking_uri, mlflow_secret
+        self.secret_env = dict(secret_env or {})  # ENV -> "secret" or "secret/key"
         self.run_as_user, self.max_restarts = run_as_user, max_restarts
         self.master_port, self.shm_gb, self.apply = master_port, shm_gb, apply
 
@@ -111,6 +113,10 @@ class KubernetesLauncher(Launcher):
                     "name": self.mlflow_secret, "key": key, "optional": True}}}
                 for key in MLFLOW_SECRET_KEYS
             ]  # fmt: skip
+        for name, ref in self.secret_env.items():
+            secret, _, key = ref.partition("/")
+            ref_spec = {"secretKeyRef": {"name": secret, "key": key or name}}
+            env.append({"name": name, "valueFrom": ref_spec})
         return env + [{"name": k, "value": str(v)} for k, v in self.env.items()]
 
     def container(self, job: Job) -> dict[str, Any]:

@@ -8,6 +8,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from train.secrets import is_secret_name
+
 # Keys a launcher sets from its own resources; the same keys given as overrides would disagree.
 LAUNCHER_OWNED = ("trainer.num_nodes", "trainer.devices", "trainer.accelerator", "ckpt_path")
 # Keys whose composed values the launcher passes on itself (run_name gets the job's suffix).
@@ -52,6 +54,13 @@ class Launcher:
         self.cpus_per_task, self.mem_gb = cpus_per_task, mem_gb
         self.job_name = job_name
         self.env = dict(env or {})
+        for name in self.env:
+            if is_secret_name(name):
+                raise SubmitError(
+                    f"launcher.env.{name} looks like a secret and would be written into the job "
+                    "file. On SLURM export it before ldm-submit (sbatch passes your environment); "
+                    f"on Kubernetes use launcher.secret_env.{name}=<secret name>"
+                )
 
     @property
     def world_size(self) -> int:
@@ -102,6 +111,12 @@ def user_overrides(overrides: list[str]) -> list[str]:
         key = o.lstrip("+~").split("=", 1)[0]
         if key == "launcher" or key.startswith("launcher.") or key in PASSED_BY_LAUNCHER:
             continue
+        value = o.split("=", 1)[1] if "=" in o else ""
+        if is_secret_name(key) and value and not value.startswith("${"):
+            raise SubmitError(
+                f"{key}=... would write a secret into the job file; pass {key}='${{oc.env:NAME}}' "
+                "and provide NAME in the job's environment"
+            )
         if key in LAUNCHER_OWNED:
             raise SubmitError(
                 f"{o!r}: the launcher sets {key} from its resources (launcher.nodes, "

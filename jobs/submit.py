@@ -52,6 +52,18 @@ def check_batch(cfg: DictConfig, launcher: Launcher, plan_batch) -> None:
     plan_batch(b.global_size, world, b.max_per_device, cfg.data.batch_size, accumulation)
 
 
+def check_no_secrets(text: str) -> None:
+    """No value of a secret-named environment variable may end up in a job file."""
+    from train.secrets import secret_values
+
+    leaked = [v for v in secret_values() if v in text]
+    if leaked:
+        raise SubmitError(
+            "the rendered job contains the value of a secret environment variable; pass secrets "
+            "by reference (launcher.secret_env on Kubernetes, your environment on SLURM)"
+        )
+
+
 def write(text: str, path: Path) -> None:
     """Written under a temporary name first: a job file is never half-written."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -73,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         launcher, job = prepare(args.overrides)
         text = launcher.render(job)
+        check_no_secrets(text)
     except (SubmitError, ConfigError, HydraException, OmegaConfBaseException) as e:
         print(f"ldm-submit: {e}", file=sys.stderr)
         return 2

@@ -43,10 +43,24 @@ def compose(overrides: Sequence[str]) -> DictConfig:
         return hydra_compose("train", overrides=list(overrides))
 
 
+def refuse_literal_secrets(args: Sequence[str]) -> None:
+    """Secrets come from the environment (`key=${oc.env:NAME}`), never typed on the command line,
+    where Hydra would save them in the run's .hydra/ files and shells keep them in history."""
+    from train.secrets import is_secret_name
+
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if sep and is_secret_name(key.lstrip("+~")) and value and not value.startswith("${"):
+            print(f"Config error: {key}=... puts a secret on the command line; export it and "
+                  f"pass {key}='${{oc.env:NAME}}' instead", file=sys.stderr)  # fmt: skip
+            sys.exit(2)
+
+
 def main() -> None:
     # Every process of a torchrun or srun job runs this entry point with the same overrides,
     # hence the same run directory. Only rank 0 writes the run's .hydra metadata; the others
     # log to their own file (as Lightning's own launcher arranges for the processes it starts).
+    refuse_literal_secrets(sys.argv[1:])
     rank = launched_rank()
     if rank > 0 and not any(a.startswith("hydra.output_subdir") for a in sys.argv):
         sys.argv += ["hydra.output_subdir=null", f"hydra.job.name=ldm-train-rank{rank}"]

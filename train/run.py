@@ -8,7 +8,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import Logger, MLFlowLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -19,6 +19,7 @@ from train.checkpoint_io import resolve_checkpoint
 from train.config_check import ConfigError, check_config
 from train.lineage import dataset_manifest, requirements
 from train.preemption import hpc_checkpoints
+from train.secrets import redact
 from train.tracking import (
     MLFLOW_RUN_ID_KEY,
     describe_run,
@@ -54,7 +55,7 @@ def run(cfg: DictConfig) -> float | None:
     datamodule = instantiate(cfg.data)  # cheap, and fails fast on bad shard patterns
     module = instantiate(cfg.model)
     check_resolution(datamodule, module)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved = redact(OmegaConf.to_container(cfg, resolve=True))  # params, artifacts, ckpts
     trainer.callbacks.append(ConfigInCheckpoint(resolved))
     if trainer.is_global_zero:
         print(f"{plan.describe()}; lr {cfg.model.optimizer.lr:g}", flush=True)
@@ -141,12 +142,20 @@ def build_loggers(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -> list
                 # Only rank 0 logs; building the logger on every rank of a torchrun/srun job
                 # would have all of them create the tracking store at once (sqlite races).
                 continue
-            extra["tags"] = {**run_tags(), **(node.get("tags") or {})}
+            extra["tags"] = redact({**run_tags(), **(node.get("tags") or {})})
             run_id = resume_run_id(run_dir, ckpt_path)
             if run_id:
                 extra["run_id"] = run_id
-        loggers.append(instantiate(node, **extra))
+        loggers.append(build_with(node, extra))
     return loggers
+
+
+def build_with(node: DictConfig, extra: dict[str, Any]) -> Any:
+    """`node`'s target called with `extra` as given: `instantiate(node, **extra)` would merge
+    `extra` into the config and resolve a `${...}` inside it (e.g. in the run's command tag)."""
+    kwargs = OmegaConf.to_container(node, resolve=True)
+    target = get_object(kwargs.pop("_target_"))
+    return target(**{**kwargs, **extra})
 
 
 def resume_run_id(run_dir: Path, ckpt_path: str | None) -> str | None:

@@ -15,6 +15,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from mlflow.exceptions import MlflowException
 
 from train.lineage import environment_ids, package_versions
+from train.secrets import redact_overrides
 
 
 def _git(*args: str) -> str | None:
@@ -38,7 +39,7 @@ def run_tags() -> dict[str, str]:
     """Lineage tags: code version, host and the command that started the run."""
     tags = {
         "host": platform.node(),
-        "command": " ".join(shlex.quote(a) for a in sys.argv),
+        "command": " ".join(shlex.quote(a) for a in redact_overrides(sys.argv)),
         "python": platform.python_version(),
     }
     commit = _git("rev-parse", "HEAD")
