@@ -27,6 +27,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	    $(PY) -m pip install -q "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)); \
 	  fi; }
 	$(PY) -m pip install -q -e ".[dev]"
+	@# Hydra's Optuna sweeper pins optuna<3, whose SQLite storage fails with SQLAlchemy 2; its
+	@# code works with the optuna 4/5 installed above, so it goes in without its pins.
+	$(PY) -m pip install -q --no-deps "hydra-optuna-sweeper==1.3.0"
 	touch $@
 
 # Stage 1 trains the autoencoder, stage 2 the text-conditioned UNet in its latent space; then

@@ -56,6 +56,7 @@ class SampleRNG:
 
 def _mix(*values: int) -> int:
     """A 63-bit seed from integers; SeedSequence decorrelates neighbouring inputs."""
-    return int(
-        np.random.SeedSequence([int(v) for v in values]).generate_state(2, np.uint64)[0] >> 1
-    )
+    # Modulo 2**64: validation seeds use negative steps, which SeedSequence refuses; values
+    # that were non-negative (all of training's) map to themselves.
+    entropy = [int(v) % (1 << 64) for v in values]
+    return int(np.random.SeedSequence(entropy).generate_state(2, np.uint64)[0] >> 1)

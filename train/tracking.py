@@ -16,6 +16,7 @@ from mlflow.exceptions import MlflowException
 
 from train.lineage import environment_ids, package_versions
 from train.secrets import redact_overrides
+from train.sweep import sweep_tags
 
 
 def _git(*args: str) -> str | None:
@@ -46,7 +47,7 @@ def run_tags() -> dict[str, str]:
     if commit:
         tags["mlflow.source.git.commit"] = commit
         tags["git.dirty"] = str(bool(_git("status", "--porcelain")))
-    return tags | package_versions() | environment_ids()
+    return tags | package_versions() | environment_ids() | sweep_tags()
 
 
 def mlflow_loggers(trainer: L.Trainer) -> list[MLFlowLogger]:
