@@ -18,7 +18,6 @@ from typing import IO, Any
 
 import braceexpand
 import fsspec
-import webdataset as wds
 
 log = logging.getLogger(__name__)
 HINT = "check the path or run `ldm-data demo DIR` to write the demo shards"
@@ -89,6 +88,8 @@ def resolve_shards(urls: str | list[str]) -> list[str]:
 def open_shard(url: str) -> IO[bytes]:
     """A binary stream of one shard: local file, ``pipe:`` command, or any fsspec URL."""
     if url.startswith("pipe:"):
+        import webdataset as wds  # here, not at the top: it imports torch (config checks don't)
+
         return wds.gopen(url, "rb")
     if "://" in url and not url.startswith("file://"):
         return fsspec.open(url, "rb").open()
@@ -97,7 +98,9 @@ def open_shard(url: str) -> IO[bytes]:
 
 def _sample_key(member: str) -> str | None:
     # webdataset's grouping rule: the key is the path up to the first dot of the file name.
-    prefix, _ = wds.tariterators.base_plus_ext(member)
+    from webdataset.tariterators import base_plus_ext
+
+    prefix, _ = base_plus_ext(member)
     return prefix
 
 
@@ -223,6 +226,8 @@ def iter_raw_samples(url: str, handler: Any) -> Iterator[dict[str, Any]]:
     ``handler`` sees the first error of the shard only: webdataset reports a truncated member
     both where it reads the member and where it reads the next header.
     """
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
     errors: list[Exception] = []
 
     def first_only(exn: Exception) -> bool:
@@ -230,5 +235,5 @@ def iter_raw_samples(url: str, handler: Any) -> Iterator[dict[str, Any]]:
         return handler(exn) if len(errors) == 1 else True
 
     with open_shard(url) as stream:
-        files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}], first_only)
-        yield from wds.tariterators.group_by_keys(files, handler=first_only)
+        files = tar_file_expander([{"url": url, "stream": stream}], first_only)
+        yield from group_by_keys(files, handler=first_only)

@@ -89,11 +89,12 @@ def ldm_train_command() -> list[str]:
     return [sys.executable, "-c", "import sys; from train.cli import main; sys.exit(main())"]
 
 
-def test_cli_bad_value_exits_2_and_names_the_key(tmp_path):
+def test_cli_bad_value_exits_2_and_names_the_key(tmp_path, demo_shards):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "LDM_OUTPUT_DIR": str(tmp_path)}
     start = time.monotonic()
     proc = subprocess.run(
-        [*ldm_train_command(), "experiment=tiny", "trainer.max_steps=abc"],
+        [*ldm_train_command(), "experiment=tiny", f"data.urls={demo_shards}",
+         "trainer.max_steps=abc"],  # fmt: skip
         cwd=tmp_path,
         env=env,
         capture_output=True,

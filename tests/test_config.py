@@ -1,5 +1,7 @@
 """Config errors fail before any model is built, and name the key and the fix."""
 
+import os
+
 import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
@@ -64,3 +66,28 @@ def test_missing_local_model_folder_is_named(compose, tmp_path):
         ConfigError, match=r"model\.vae\.pretrained_model_name_or_path.*demo_autoencoder"
     ):
         check_config(cfg)
+
+
+def test_a_cached_check_imports_no_model_code(tmp_path, demo_shards):
+    """Once the targets' signatures are cached, checking a config (and finding its error)
+    imports neither torch, Lightning nor diffusers: bad configs fail in about a second."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from train.cli import compose\n"
+        "from train.config_check import ConfigError, check_config, early_checks\n"
+        f"cfg = compose(['experiment=tiny', 'data.urls={demo_shards}', 'trainer.max_steps=abc'])\n"
+        "early_checks(cfg)\n"
+        "try:\n    check_config(cfg)\nexcept ConfigError as e:\n    print(e)\n"
+        "print(sorted(m for m in ('torch', 'lightning', 'diffusers') if m in sys.modules))\n"
+    )
+    env = {**os.environ, "LDM_CACHE_DIR": str(tmp_path / "cache")}
+    runs = [subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                           text=True, timeout=120, check=True) for _ in range(2)]  # fmt: skip
+    expected = "trainer.max_steps='abc' has type str, but lightning.Trainer expects int"
+    assert all(expected in r.stdout for r in runs)
+    assert runs[0].stdout.splitlines()[-1] == "['diffusers', 'lightning', 'torch']"  # cold cache
+    assert runs[1].stdout.splitlines()[-1] == "[]"
+    assert (tmp_path / "cache" / "signatures.json").is_file()

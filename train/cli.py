@@ -20,9 +20,18 @@ CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def _app(cfg: DictConfig) -> float | None:
+    from train.config_check import check_config, early_checks
+
+    try:
+        # Before the heavy imports below (cached signatures): bad configs fail in about a second.
+        early_checks(cfg)
+        check_config(cfg)
+    except ConfigError as e:
+        print(f"Config error: {e}", file=sys.stderr)
+        sys.exit(2)
     from train.checkpoint_io import CheckpointWriteError
     from train.guards import TrainingDiverged
-    from train.run import run  # heavy imports after the config is composed
+    from train.run import run
 
     try:
         return run(cfg)

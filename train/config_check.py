@@ -9,15 +9,12 @@ its callable's signature here: unknown keywords, values of the wrong type, and l
 
 from __future__ import annotations
 
-import collections.abc as cabc
-import inspect
-import types
-import typing
 from pathlib import Path
 from typing import Any
 
-from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from train.signatures import describe, matches, signature
 
 RESERVED = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}
 
@@ -26,43 +23,71 @@ class ConfigError(ValueError):
     """A setting that cannot work; the message names the key and what to do."""
 
 
-def check_config(cfg: DictConfig, prefix: str = "") -> None:
+def check_config(cfg: DictConfig, prefix: str = "", local_paths: bool = True) -> None:
     """Raise ConfigError for the first bad `_target_` node found in `cfg` (depth first)."""
     for key in cfg:
         node = cfg._get_node(key)
         path = f"{prefix}{key}"
         if isinstance(node, DictConfig) and not node._is_none():
             if "_target_" in node:
-                _check_target_node(node, path)
-            check_config(node, path + ".")
+                _check_target_node(node, path, local_paths)
+            check_config(node, path + ".", local_paths)
         elif isinstance(node, ListConfig) and not node._is_none():
             for i, item in enumerate(node):
                 if isinstance(item, DictConfig):
                     if "_target_" in item:
-                        _check_target_node(item, f"{path}[{i}]")
-                    check_config(item, f"{path}[{i}].")
+                        _check_target_node(item, f"{path}[{i}]", local_paths)
+                    check_config(item, f"{path}[{i}].", local_paths)
 
 
-def _check_target_node(node: DictConfig, path: str) -> None:
+def early_checks(cfg: DictConfig, world_size: int | None = None, local_paths: bool = True) -> None:
+    """What can be checked without importing model code (torch, diffusers, Lightning take
+    seconds to import): required values, the data patterns and the global batch against the
+    world size. Run first, so the commonest mistakes fail within a second or two."""
+    from data.sources import resolve_shards
+    from train.batching import plan_batch
+
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{missing[0]} is required (???); set it, e.g. {missing[0]}=<value>")
+    data = cfg.get("data") or {}
+    specs = [("data.urls", data.get("urls")), ("data.val_urls", data.get("val_urls"))]
+    specs += [(f"data.datasets[{i}].urls", d.get("urls"))
+              for i, d in enumerate(data.get("datasets") or [])]  # fmt: skip
+    for key, urls in specs:
+        if urls is not None and local_paths:
+            try:
+                resolve_shards(OmegaConf.to_object(urls) if OmegaConf.is_config(urls) else urls)
+            except FileNotFoundError as e:
+                raise ConfigError(str(e).replace("data.urls=", f"{key}=", 1)) from None
+    trainer = cfg.get("trainer") or {}
+    devices, nodes = trainer.get("devices"), trainer.get("num_nodes", 1)
+    if world_size is None and isinstance(devices, int) and devices > 0 and isinstance(nodes, int):
+        world_size = devices * nodes
+    batch = cfg.get("batch") or {}
+    if world_size and batch.get("global_size") is not None:
+        accumulation = int(trainer.get("accumulate_grad_batches") or 1)
+        plan_batch(batch.global_size, world_size, batch.get("max_per_device"),
+                   data.get("batch_size", 1), accumulation)  # fmt: skip
+
+
+def _check_target_node(node: DictConfig, path: str, local_paths: bool = True) -> None:
     try:
-        target = get_object(node._target_)
+        sig = signature(node._target_)
     except Exception as e:  # noqa: BLE001 - any import failure is a config error here
         raise ConfigError(f"{path}._target_={node._target_!r} cannot be imported: {e}") from e
-    try:
-        params = _parameters(target)
-    except (TypeError, ValueError, NameError):
+    if sig is None:
         return  # builtins or unresolvable annotations: nothing to check against
-    takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
     for key in node:
         if key in RESERVED:
             continue
         child = f"{path}.{key}"
-        if key not in params:
-            if takes_kwargs:
+        if key not in sig.params:
+            if sig.takes_kwargs:
                 continue
             raise ConfigError(
                 f"{child}: {node._target_} takes no argument {key!r}; "
-                f"valid keys: {', '.join(k for k in params if k != 'self')}"
+                f"valid keys: {', '.join(k for k in sig.params if k != 'self')}"
             )
         value = node._get_node(key)
         if OmegaConf.is_missing(node, key):
@@ -72,38 +97,13 @@ def _check_target_node(node: DictConfig, path: str) -> None:
         plain = (
             OmegaConf.to_object(value) if isinstance(value, (DictConfig, ListConfig)) else node[key]
         )
-        annotation = params[key].annotation
-        if not _matches(plain, annotation):
+        if not matches(plain, sig.params[key]):
             raise ConfigError(
                 f"{child}={plain!r} has type {type(plain).__name__}, but {node._target_} expects "
-                f"{_name(annotation)}"
+                f"{describe(sig.params[key])}"
             )
-        if key == "pretrained_model_name_or_path":
+        if key == "pretrained_model_name_or_path" and local_paths:
             _check_local_path(child, plain)
-
-
-def _parameters(target: Any) -> dict[str, inspect.Parameter]:
-    """Parameters of `target`. A class of this project whose `**kwargs` go to its base's
-    `__init__` (the launchers' shared resources) gets that base's parameters too, so an unknown
-    key is still caught; other libraries' `**kwargs` may mean anything and stay open."""
-    params = dict(inspect.signature(target, eval_str=True).parameters)
-    ours = ("train", "data", "jobs")
-    if not inspect.isclass(target) or target.__module__.split(".")[0] not in ours:
-        return params
-    current = target.__init__
-    for base in target.__mro__[1:]:
-        var_kw = [k for k, p in params.items() if p.kind is p.VAR_KEYWORD]
-        if not var_kw or base.__module__.split(".")[0] not in ours:
-            break
-        init = vars(base).get("__init__")
-        if init is None or init is current:
-            continue
-        current = init
-        inherited = inspect.signature(init, eval_str=True).parameters
-        params = {k: p for k, p in params.items() if k not in var_kw} | {
-            k: p for k, p in inherited.items() if k != "self" and k not in params
-        }
-    return params
 
 
 def _check_local_path(key: str, value: Any) -> None:
@@ -116,37 +116,3 @@ def _check_local_path(key: str, value: Any) -> None:
             "(for the demo VAE, run the autoencoder stage first: ldm-train "
             "experiment=demo_autoencoder)"
         )
-
-
-def _name(annotation: Any) -> str:
-    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
-
-
-def _matches(value: Any, annotation: Any) -> bool:
-    """True where `value` fits `annotation`; unknown or exotic annotations are accepted."""
-    if annotation is inspect.Parameter.empty or annotation is Any:
-        return True
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        return any(_matches(value, a) for a in args)
-    if annotation is type(None):
-        return value is None
-    if origin is typing.Literal:
-        return value in args
-    if annotation is bool:
-        return isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if annotation is str:
-        return isinstance(value, str)
-    if origin in (list, tuple, cabc.Sequence) or annotation in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            return False
-        inner = [a for a in args if a is not Ellipsis]
-        return len(inner) != 1 or all(_matches(v, inner[0]) for v in value)
-    if origin in (dict, cabc.Mapping) or annotation in (dict,):
-        return isinstance(value, dict)
-    return True
