@@ -93,7 +93,8 @@ def reference(demo_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> di
     )
     assert "global batch 8 = 4 per device x 1 devices x 2 accumulation steps" in out.stdout
     run = root / "runs" / "single"
-    raw = [LDM_EXPORT, "--no-ema", str(run / "checkpoints/last.ckpt"), str(run / "raw")]
+    raw = [LDM_EXPORT, "--no-ema", "--allow-pickle", str(run / "checkpoints/last.ckpt"),
+           str(run / "raw")]  # fmt: skip
     subprocess.run(raw, check=True, capture_output=True)
     return {"ema": run / "export", "raw": run / "raw", "root": root}
 
@@ -130,7 +131,8 @@ def test_two_processes_train_resume_and_export_like_one(
     # ldm-export consolidates the sharded checkpoint to the same files, EMA or raw.
     for flag, ref in (([], "ema"), (["--no-ema"], "raw")):
         out = run / f"offline-{ref}"
-        subprocess.run([LDM_EXPORT, *flag, str(last), str(out)], check=True, capture_output=True)
+        cmd = [LDM_EXPORT, *flag, "--allow-pickle", str(last), str(out)]
+        subprocess.run(cmd, check=True, capture_output=True)
         assert max_diff(out, reference[ref]) < 1e-6, ref
 
 
@@ -165,7 +167,8 @@ def test_zero3_with_cpu_offload_trains_and_consolidates(demo_shards: Path, tmp_p
     )
     run = tmp_path / "runs" / "o"
     out = run / "offline"
-    subprocess.run([LDM_EXPORT, str(run / "checkpoints/last.ckpt"), str(out)], check=True)
+    cmd = [LDM_EXPORT, "--allow-pickle", str(run / "checkpoints/last.ckpt"), str(out)]
+    subprocess.run(cmd, check=True)
     assert max_diff(run / "export", out) < 1e-6
     weights = load_file(out / UNET)
     assert all(torch.isfinite(w).all() for w in weights.values())

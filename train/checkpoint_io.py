@@ -57,6 +57,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 raise CheckpointWriteError(disk_full_message(path)) from e
             raise
 
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: Any = None):
+        """Resume reads tensors and plain containers only (`weights_only=True`): a checkpoint
+        file that smuggles other objects is refused instead of running their code."""
+        return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+
 
 def disk_full(folder: Path, margin: int = 2**20) -> bool:
     return shutil.disk_usage(folder).free < margin

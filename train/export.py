@@ -13,13 +13,13 @@ from train.ema import ema_from_checkpoint
 from train.sharding import load_any_checkpoint
 
 
-def module_from_checkpoint(path: str | Path):
+def module_from_checkpoint(path: str | Path, allow_pickle: bool = False):
     """Rebuild the LightningModule from the config stored in the checkpoint, then its weights.
 
     Also returns the checkpoint's whole EMA UNet state (None without EMA). `path` may be a
     .ckpt file or a sharded DeepSpeed / FSDP checkpoint folder.
     """
-    ckpt = load_any_checkpoint(path)
+    ckpt = load_any_checkpoint(path, allow_pickle)
     if "ldm_config" not in ckpt:
         raise ValueError(f"{path} has no 'ldm_config': it was not written by ldm-train")
     config.register()
@@ -33,9 +33,11 @@ def module_from_checkpoint(path: str | Path):
     return module, ema_from_checkpoint(ckpt)
 
 
-def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, use_ema: bool = True) -> Path:
+def export_checkpoint(
+    ckpt_path: str | Path, out_dir: str | Path, use_ema: bool = True, allow_pickle: bool = False
+) -> Path:
     """Write the diffusers-layout export of a checkpoint: EMA weights when it has them."""
-    module, ema = module_from_checkpoint(ckpt_path)
+    module, ema = module_from_checkpoint(ckpt_path, allow_pickle)
     module.eval()
     if use_ema and ema is not None:
         return module.export(out_dir, unet=module.unet_from_state(ema))
@@ -49,6 +51,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--no-ema", action="store_true", help="export the raw weights even if the run kept an EMA"
     )
+    parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="read a sharded DeepSpeed/FSDP checkpoint folder (its readers unpickle: only for "
+        "checkpoints you trust); .ckpt files never need it",
+    )
     args = parser.parse_args(argv)
-    out = export_checkpoint(args.checkpoint, args.out, use_ema=not args.no_ema)
+    try:
+        out = export_checkpoint(args.checkpoint, args.out, not args.no_ema, args.allow_pickle)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"ldm-export: {e}") from None
     print(f"exported {args.checkpoint} -> {out}")

@@ -144,14 +144,21 @@ def zero3_unpartition(shards: list[torch.Tensor], shape: list[int]) -> torch.Ten
     return torch.cat([s.reshape(-1) for s in shards])[:numel].reshape(shape)
 
 
-def load_any_checkpoint(path: str | Path) -> dict:
-    """A Lightning checkpoint as one dict with a full ``state_dict``: a ``.ckpt`` file, a
-    DeepSpeed checkpoint folder (any ZeRO stage) or an FSDP sharded checkpoint folder."""
+def load_any_checkpoint(path: str | Path, allow_pickle: bool = False) -> dict:
+    """A Lightning checkpoint as one dict with a full ``state_dict``: a ``.ckpt`` file (read
+    with ``weights_only=True``: no code runs), or, with ``allow_pickle``, a DeepSpeed checkpoint
+    folder (any ZeRO stage) or an FSDP sharded checkpoint folder, whose readers unpickle."""
     path = Path(path)
     if path.is_file():
         return torch.load(path, map_location="cpu", weights_only=True)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if not allow_pickle:
+        raise ValueError(
+            f"{path} is a sharded checkpoint folder: DeepSpeed's and torch.distributed's readers "
+            "unpickle parts of it, which runs code from the files. Pass --allow-pickle (ldm-export)"
+            " only for checkpoints you trust"
+        )
     if (path / "latest").is_file() or (path / "checkpoint").is_dir():
         return _load_deepspeed(path)
     if (path / "meta.pt").is_file():
