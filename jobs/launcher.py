@@ -42,6 +42,7 @@ class Launcher:
         mem_gb: int = 16,
         job_name: str | None = None,
         env: dict[str, str] | None = None,
+        check_paths: bool = True,
     ) -> None:
         if nodes < 1 or gpus_per_node < 0 or procs_per_node < 1:
             raise SubmitError(
@@ -53,6 +54,7 @@ class Launcher:
         self.procs = gpus_per_node or procs_per_node
         self.cpus_per_task, self.mem_gb = cpus_per_task, mem_gb
         self.job_name = job_name
+        self.check_paths = check_paths  # read by ldm-submit before the launcher is built
         self.env = dict(env or {})
         for name in self.env:
             if is_secret_name(name):

@@ -17,7 +17,6 @@ from pathlib import Path
 
 from hydra.errors import HydraException, InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from jobs.launcher import Job, Launcher, SubmitError, user_overrides
@@ -27,29 +26,23 @@ LAUNCHERS = "launcher=slurm | k8s | k8s_jobset | k8s_job | local"
 
 def prepare(overrides: list[str]) -> tuple[Launcher, Job]:
     """Compose and check the config, build the launcher, name the job; nothing is submitted."""
-    from train.batching import plan_batch
     from train.cli import compose
-    from train.config_check import check_config
+    from train.config_check import check_config, early_checks
 
     cfg = compose(overrides)
     if cfg.launcher is None:
         raise SubmitError(f"choose where the job runs: {LAUNCHERS}")
-    check_config(cfg)
+    # Paths are checked only where the job sees this machine's filesystem (not in pods).
+    local_paths = bool(cfg.launcher.get("check_paths", True))
+    early_checks(cfg, world_size=None, local_paths=local_paths)
+    check_config(cfg, local_paths=local_paths)  # the launcher's keys and types too
     try:
         launcher: Launcher = instantiate(cfg.launcher)
     except InstantiationException as e:  # Hydra wraps the constructor's own message
         raise (e.__cause__ if isinstance(e.__cause__, SubmitError) else e) from None
-    check_batch(cfg, launcher, plan_batch)
+    early_checks(cfg, launcher.world_size, local_paths=False)  # the batch over the job's ranks
     name, run_name = launcher.names(cfg.run_name, time.strftime("%Y%m%d-%H%M%S"))
     return launcher, Job(name, run_name, user_overrides(overrides), str(cfg.paths.root))
-
-
-def check_batch(cfg: DictConfig, launcher: Launcher, plan_batch) -> None:
-    """The global batch must split over the job's processes (as ldm-train would check)."""
-    b = cfg.batch
-    accumulation = int(cfg.trainer.accumulate_grad_batches or 1)
-    world = launcher.world_size
-    plan_batch(b.global_size, world, b.max_per_device, cfg.data.batch_size, accumulation)
 
 
 def check_no_secrets(text: str) -> None:

@@ -3,7 +3,7 @@
 Checking a config against `lightning.Trainer` or diffusers' classes means importing them, which
 takes seconds (Lightning alone ~4 s on a small CPU). The parameters and a JSON form of their
 annotations are therefore cached per target, keyed by the installed version of the package that
-provides it (or the module file's mtime for this project's own code), so a later check of any
+provides it (or the newest file time of this project's own code), so a later check of any
 config using those targets imports nothing heavy. A cache that cannot be read or written only
 costs the imports.
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import collections.abc as cabc
 import contextlib
-import importlib.util
 import inspect
 import json
 import os
@@ -65,15 +64,14 @@ def signature(target_path: str) -> Signature | None:
 
 
 def _provenance(target_path: str) -> str:
-    """What invalidates a cached signature: this project's module file changing, or another
-    version of the distribution that provides the target."""
+    """What invalidates a cached signature: a change to this project's code, or another version
+    of the distribution that provides the target."""
     top = target_path.split(".", 1)[0]
     if top in OURS:
-        module = target_path.rsplit(".", 1)[0]
-        with contextlib.suppress(Exception):  # find_spec imports only the (light) parents
-            origin = importlib.util.find_spec(module).origin
-            return f"{origin}@{os.stat(origin).st_mtime_ns}"
-        return "unknown"
+        # Any file of the project: a class's signature can come from a base in another module.
+        root = Path(__file__).resolve().parent.parent
+        files = [f for pkg in OURS for f in (root / pkg).glob("*.py")]
+        return f"project@{max((f.stat().st_mtime_ns for f in files), default=0)}"
     dists = metadata.packages_distributions().get(top) or [top]
     with contextlib.suppress(metadata.PackageNotFoundError):
         return f"{dists[0]}=={metadata.version(dists[0])}"
