@@ -34,13 +34,16 @@ def prepare(overrides: list[str]) -> tuple[Launcher, Job]:
         raise SubmitError(f"choose where the job runs: {LAUNCHERS}")
     # Paths are checked only where the job sees this machine's filesystem (not in pods).
     local_paths = bool(cfg.launcher.get("check_paths", True))
-    early_checks(cfg, world_size=None, local_paths=local_paths)
+    # Not the run folder: the job's own (a new name per submission) is not this one.
+    early_checks(cfg, world_size=None, local_paths=local_paths, run_dir=False)
     check_config(cfg, local_paths=local_paths)  # the launcher's keys and types too
     try:
         launcher: Launcher = instantiate(cfg.launcher)
     except InstantiationException as e:  # Hydra wraps the constructor's own message
         raise (e.__cause__ if isinstance(e.__cause__, SubmitError) else e) from None
-    early_checks(cfg, launcher.world_size, local_paths=False)  # the batch over the job's ranks
+    early_checks(
+        cfg, launcher.world_size, local_paths=False, run_dir=False
+    )  # the batch over the job's ranks
     name, run_name = launcher.names(cfg.run_name, time.strftime("%Y%m%d-%H%M%S"))
     return launcher, Job(name, run_name, user_overrides(overrides), str(cfg.paths.root))
 

@@ -22,7 +22,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from data.sources import is_remote
 from train.config_check import ConfigError
-from train.preemption import hpc_checkpoints
+from train.run_files import hpc_checkpoints
 
 log = logging.getLogger(__name__)
 TMP_MARK = ".tmp-"

@@ -9,11 +9,14 @@ its callable's signature here: unknown keywords, values of the wrong type, and l
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from train.run_files import check_fresh_start
 from train.signatures import describe, matches, signature
 
 RESERVED = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}
@@ -40,10 +43,13 @@ def check_config(cfg: DictConfig, prefix: str = "", local_paths: bool = True) ->
                     check_config(item, f"{path}[{i}].", local_paths)
 
 
-def early_checks(cfg: DictConfig, world_size: int | None = None, local_paths: bool = True) -> None:
+def early_checks(
+    cfg: DictConfig, world_size: int | None = None, local_paths: bool = True, run_dir: bool = True
+) -> None:
     """What can be checked without importing model code (torch, diffusers, Lightning take
-    seconds to import): required values, the data patterns and the global batch against the
-    world size. Run first, so the commonest mistakes fail within a second or two."""
+    seconds to import): required values, the data patterns, the tracking URI, a fresh start
+    over an earlier run's checkpoints, and the global batch against the world size. Run first,
+    so the commonest mistakes fail within a second or two."""
     from data.sources import resolve_shards
     from train.batching import plan_batch
 
@@ -60,6 +66,13 @@ def early_checks(cfg: DictConfig, world_size: int | None = None, local_paths: bo
                 resolve_shards(OmegaConf.to_object(urls) if OmegaConf.is_config(urls) else urls)
             except FileNotFoundError as e:
                 raise ConfigError(str(e).replace("data.urls=", f"{key}=", 1)) from None
+    _check_tracking_uri(cfg)
+    paths, ckpt = cfg.get("paths") or {}, (cfg.get("callbacks") or {}).get("checkpoint")
+    if run_dir and paths.get("run_dir"):
+        ckpt_dir = Path(ckpt.dirpath) if ckpt is not None and ckpt.get("dirpath") else None
+        problem = check_fresh_start(Path(paths.run_dir), ckpt_dir, cfg.get("ckpt_path"))
+        if problem:
+            raise ConfigError(problem)
     trainer = cfg.get("trainer") or {}
     devices, nodes = trainer.get("devices"), trainer.get("num_nodes", 1)
     if world_size is None and isinstance(devices, int) and devices > 0 and isinstance(nodes, int):
@@ -69,6 +82,30 @@ def early_checks(cfg: DictConfig, world_size: int | None = None, local_paths: bo
         accumulation = int(trainer.get("accumulate_grad_batches") or 1)
         plan_batch(batch.global_size, world_size, batch.get("max_per_device"),
                    data.get("batch_size", 1), accumulation)  # fmt: skip
+
+
+def _check_tracking_uri(cfg: DictConfig) -> None:
+    """A tracking URI that cannot work is a config error; a server that is merely down is an
+    outage, which the MLflow logger rides out (train/mlflow_logger.py)."""
+    node = (cfg.get("logger") or {}).get("mlflow")
+    uri = str(node.get("tracking_uri") or "") if node is not None else ""
+    scheme, _, rest = uri.partition("://")
+    if not uri or scheme in ("sqlite", "file", "databricks", "postgresql", "mysql", "mssql"):
+        return
+    key = "logger.mlflow.tracking_uri"
+    if scheme not in ("http", "https"):
+        raise ConfigError(
+            f"{key}={uri!r}: unknown scheme; use http(s)://host:port for a "
+            "server, or sqlite:///path/mlflow.db (the default) for a local store"
+        )
+    host = urlsplit(uri).hostname
+    try:
+        socket.getaddrinfo(host, None)
+    except (socket.gaierror, UnicodeError, TypeError):
+        raise ConfigError(
+            f"{key}={uri!r}: host {host!r} does not resolve; fix the URI, or "
+            "drop the override to log to the local SQLite store"
+        ) from None
 
 
 def _check_target_node(node: DictConfig, path: str, local_paths: bool = True) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import signal
 import subprocess
 from pathlib import Path
@@ -24,8 +23,9 @@ import lightning as L
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Checkpoint
 
+from train.run_files import HPC_PATTERN, hpc_checkpoints
+
 log = logging.getLogger(__name__)
-HPC_PATTERN = re.compile(r"hpc_ckpt_(\d+)\.ckpt$")
 
 
 class RequeueOnSignal(Checkpoint):
@@ -103,7 +103,3 @@ def requeue_job() -> bool:
     if out.returncode != 0:
         log.warning("scontrol requeue %s failed: %s", job, out.stderr.strip())
     return out.returncode == 0
-
-
-def hpc_checkpoints(run_dir: Path) -> list[Path]:
-    return [p for p in Path(run_dir).glob("hpc_ckpt_*.ckpt") if HPC_PATTERN.search(p.name)]

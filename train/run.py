@@ -18,7 +18,7 @@ from train.callbacks import ConfigInCheckpoint, ExportOnTrainEnd, SamplePreview
 from train.checkpoint_io import resolve_checkpoint
 from train.config_check import ConfigError, check_config
 from train.lineage import dataset_manifest, requirements
-from train.preemption import hpc_checkpoints
+from train.run_files import RUN_ID_FILE, check_fresh_start
 from train.secrets import redact
 from train.tracking import (
     MLFLOW_RUN_ID_KEY,
@@ -31,14 +31,15 @@ from train.tracking import (
 from train.util import launched_rank
 
 log = logging.getLogger(__name__)
-RUN_ID_FILE = "mlflow_run_id"
 
 
 def run(cfg: DictConfig) -> float | None:
     """Train as configured; returns `cfg.optimized_metric` (for sweeps) when set."""
     run_dir = Path(cfg.paths.run_dir)
     check_config(cfg)
-    check_fresh_start(run_dir, cfg.ckpt_path)
+    problem = check_fresh_start(run_dir, checkpoint_dir(cfg), cfg.ckpt_path)
+    if problem:
+        raise ConfigError(problem)
     ckpt_path = resolve_checkpoint(cfg.ckpt_path, run_dir, checkpoint_dir(cfg))
     L.seed_everything(cfg.seed, workers=True)
 
@@ -108,16 +109,6 @@ def apply_batch_plan(cfg: DictConfig, trainer: L.Trainer) -> BatchPlan:
 def checkpoint_dir(cfg: DictConfig) -> Path | None:
     node = (cfg.callbacks or {}).get("checkpoint")
     return Path(node.dirpath) if node is not None and node.get("dirpath") else None
-
-
-def check_fresh_start(run_dir: Path, ckpt_path: str | None) -> None:
-    """Refuse to start from scratch over an earlier run's checkpoints (they would be replaced)."""
-    ckpts = sorted((run_dir / "checkpoints").glob("*.ckpt")) + hpc_checkpoints(run_dir)
-    if ckpt_path is None and ckpts:
-        raise ConfigError(
-            f"{run_dir} already holds checkpoints ({ckpts[-1].name}, ...). Resume that run with "
-            "ckpt_path=last, or start a new one with run_name=<new name>"
-        )
 
 
 def check_resolution(datamodule: Any, module: Any) -> None:

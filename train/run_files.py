@@ -1,0 +1,26 @@
+"""Names of the files a run keeps in its folder; light (no torch), for the early config checks."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+RUN_ID_FILE = "mlflow_run_id"  # the MLflow run this folder logs to
+HPC_PATTERN = re.compile(r"hpc_ckpt_(\d+)\.ckpt$")  # preemption checkpoints (Lightning's name)
+
+
+def hpc_checkpoints(run_dir: Path) -> list[Path]:
+    return [p for p in Path(run_dir).glob("hpc_ckpt_*.ckpt") if HPC_PATTERN.search(p.name)]
+
+
+def check_fresh_start(run_dir: Path, ckpt_dir: Path | None, ckpt_path: str | None) -> str | None:
+    """Why starting from scratch in `run_dir` would replace an earlier run's checkpoints, or
+    None where it would not."""
+    found = sorted(Path(ckpt_dir).glob("*.ckpt")) if ckpt_dir is not None else []
+    found += hpc_checkpoints(run_dir)
+    if ckpt_path is None and found:
+        return (
+            f"{run_dir} already holds checkpoints ({found[-1].name}, ...). Resume that run with "
+            "ckpt_path=last, or start a new one with run_name=<new name>"
+        )
+    return None
