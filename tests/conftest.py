@@ -58,3 +58,17 @@ def slurm(tmp_path_factory):
         yield cluster
     finally:
         down(directory)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 (free port, SQLite store and proxied artifacts in a
+    temporary folder, its own process group), stopped with its whole group after the session.
+    Tests may `stop()` and `restart()` it: it comes back on the same port and store."""
+    from mlflow_server import MlflowServer
+
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow_server")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
