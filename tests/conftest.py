@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,6 +11,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The tests' own signature cache (train/signatures.py), not the user's.
+os.environ.setdefault("LDM_CACHE_DIR", tempfile.mkdtemp(prefix="ldm-test-cache-"))
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,7 @@
-"""What a run records in MLflow (the default logger: an embedded SQLite store under paths.root):
-config params, metric histories, lineage tags, artifacts, and the same run after a resume."""
+"""What a run records in MLflow, in the embedded SQLite store under paths.root (the default) and
+on a real `mlflow server`: config params and the config file, metric histories, lineage tags,
+sample images and the export as artifacts, the registered model version, and the same run after
+a resume."""
 
 from __future__ import annotations
 
@@ -37,35 +39,34 @@ def compose_at(root: Path, *overrides: str):
         return compose("train", overrides=[f"paths.root={root}", *overrides])
 
 
-@pytest.fixture(scope="module")
-def tracked(tmp_path_factory, demo_shards):
-    """One tiny run logged with the default MLflow logger; yields (cfg, client, run_id)."""
-    root = tmp_path_factory.mktemp("tracked")
+@pytest.fixture(scope="module", params=["sqlite", "server"])
+def tracked(request, tmp_path_factory, demo_shards):
+    """One tiny run per store; yields (cfg, client, run_id)."""
+    root = tmp_path_factory.mktemp(f"tracked-{request.param}")
+    store = []
+    if request.param == "server":
+        store = [f"logger.mlflow.tracking_uri={request.getfixturevalue('mlflow_server').uri}"]
+    common = ["experiment=tiny", "experiment_name=tracked", f"data.urls={demo_shards}",
+              THROUGHPUT_WINDOW, *store]  # fmt: skip
     with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)  # the store must be the one under root
-        cfg = compose_at(root, "experiment=tiny", f"data.urls={demo_shards}", THROUGHPUT_WINDOW)
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)  # the store must be the one we chose
+        cfg = compose_at(root, *common)
         assert cfg.trainer.max_steps == MAX_STEPS and cfg.data.batch_size == BATCH_SIZE
-        assert cfg.logger.mlflow.tracking_uri == f"sqlite:///{root}/mlflow.db"
+        if not store:
+            assert cfg.logger.mlflow.tracking_uri == f"sqlite:///{root}/mlflow.db"
         run(cfg)
         client = MlflowClient(tracking_uri=cfg.logger.mlflow.tracking_uri)
         run_id = (Path(cfg.paths.run_dir) / RUN_ID_FILE).read_text().strip()
-        yield cfg, client, run_id
+        yield cfg, client, run_id, common
 
 
 @pytest.fixture(scope="module")
-def resumed(tracked, demo_shards):
+def resumed(tracked):
     """The same run resumed from last.ckpt up to step 6."""
-    cfg, client, run_id = tracked
+    cfg, client, run_id, common = tracked
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        cfg2 = compose_at(
-            Path(cfg.paths.root),
-            "experiment=tiny",
-            f"data.urls={demo_shards}",
-            THROUGHPUT_WINDOW,
-            "ckpt_path=last",
-            "trainer.max_steps=6",
-        )
+        cfg2 = compose_at(Path(cfg.paths.root), *common, "ckpt_path=last", "trainer.max_steps=6")
         run(cfg2)
     return cfg2
 
@@ -74,9 +75,11 @@ def history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, floa
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 
 
-def test_the_store_is_the_sqlite_file_under_paths_root(tracked):
-    cfg, client, run_id = tracked
-    assert (Path(cfg.paths.root) / "mlflow.db").is_file()
+def test_the_run_is_in_the_chosen_store(tracked):
+    cfg, client, run_id, _ = tracked
+    assert (
+        Path(cfg.paths.root) / "mlflow.db"
+    ).is_file() == cfg.logger.mlflow.tracking_uri.startswith("sqlite")
     experiment = client.get_experiment_by_name(cfg.experiment_name)
     assert experiment is not None
     runs = client.search_runs([experiment.experiment_id])
@@ -86,7 +89,7 @@ def test_the_store_is_the_sqlite_file_under_paths_root(tracked):
 
 
 def test_params_are_the_flattened_resolved_config(tracked):
-    cfg, client, run_id = tracked
+    cfg, client, run_id, _ = tracked
     params = client.get_run(run_id).data.params
     assert params["trainer/max_steps"] == str(MAX_STEPS)
     assert params["data/batch_size"] == str(BATCH_SIZE)
@@ -98,7 +101,7 @@ def test_params_are_the_flattened_resolved_config(tracked):
 
 
 def test_metric_histories(tracked):
-    cfg, client, run_id = tracked
+    cfg, client, run_id, _ = tracked
     steps = list(range(MAX_STEPS))
 
     loss = history(client, run_id, "train/loss")
@@ -131,7 +134,7 @@ def test_metric_histories(tracked):
 
 
 def test_lineage_tags(tracked):
-    _, client, run_id = tracked
+    _, client, run_id, _ = tracked
     tags = client.get_run(run_id).data.tags
     assert tags["host"] == platform.node()
     assert tags["command"] == shlex.join(sys.argv)
@@ -148,7 +151,7 @@ def test_lineage_tags(tracked):
 def test_package_versions_and_dataset_lineage(tracked, demo_shards):
     from importlib import metadata
 
-    _, client, run_id = tracked
+    _, client, run_id, _ = tracked
     tags = client.get_run(run_id).data.tags
     for package in ("torch", "lightning", "diffusers", "mlflow", "ldm-pipeline"):
         assert tags[f"version.{package}"] == metadata.version(package)
@@ -165,7 +168,7 @@ def test_package_versions_and_dataset_lineage(tracked, demo_shards):
 
 
 def test_resolved_config_is_an_artifact(tracked):
-    cfg, client, run_id = tracked
+    cfg, client, run_id, _ = tracked
     logged = yaml.safe_load(
         Path(client.download_artifacts(run_id, "config/config.yaml")).read_text()
     )
@@ -175,7 +178,7 @@ def test_resolved_config_is_an_artifact(tracked):
 
 
 def test_export_is_a_registered_model_version_linked_to_the_run(tracked):
-    cfg, client, run_id = tracked
+    cfg, client, run_id, _ = tracked
     (version,) = client.search_model_versions(f"name='ldm-{cfg.experiment_name}'")
     assert version.run_id == run_id
     assert version.source == f"runs:/{run_id}/export"
@@ -185,7 +188,7 @@ def test_export_is_a_registered_model_version_linked_to_the_run(tracked):
 def test_checkpoint_paths_are_tags_and_the_run_id_is_in_the_checkpoint(tracked):
     import torch
 
-    cfg, client, run_id = tracked
+    cfg, client, run_id, _ = tracked
     tags = client.get_run(run_id).data.tags
     last = Path(cfg.paths.run_dir) / "checkpoints" / "last.ckpt"
     assert tags["checkpoint.last"] == str(last.resolve())
@@ -194,7 +197,7 @@ def test_checkpoint_paths_are_tags_and_the_run_id_is_in_the_checkpoint(tracked):
 
 
 def test_export_and_final_samples_are_artifacts(tracked, tmp_path):
-    cfg, client, run_id = tracked
+    cfg, client, run_id, _ = tracked
     exported = {a.path for a in client.list_artifacts(run_id, "export")}
     assert "export/model_index.json" in exported
     assert {"export/unet", "export/vae", "export/text_encoder"} <= exported
@@ -208,7 +211,7 @@ def test_export_and_final_samples_are_artifacts(tracked, tmp_path):
 
 
 def test_resume_logs_into_the_same_run(tracked, resumed):
-    cfg, client, run_id = tracked
+    cfg, client, run_id, _ = tracked
     experiment = client.get_experiment_by_name(cfg.experiment_name)
     runs = client.search_runs([experiment.experiment_id])
     assert [r.info.run_id for r in runs] == [run_id]

@@ -54,11 +54,19 @@ def compose(overrides: Sequence[str]) -> DictConfig:
 
 def refuse_literal_secrets(args: Sequence[str]) -> None:
     """Secrets come from the environment (`key=${oc.env:NAME}`), never typed on the command line,
-    where Hydra would save them in the run's .hydra/ files and shells keep them in history."""
+    where Hydra would save them in the run's .hydra/ files and shells keep them in history;
+    the same for a tracking URI with credentials in it."""
+    from train.mlflow_sync import check_tracking_uri
     from train.secrets import is_secret_name
 
     for arg in args:
         key, sep, value = arg.partition("=")
+        if key.lstrip("+~").endswith("tracking_uri"):
+            try:
+                check_tracking_uri(value)
+            except ConfigError as e:
+                print(f"Config error: {e}", file=sys.stderr)
+                sys.exit(2)
         if sep and is_secret_name(key.lstrip("+~")) and value and not value.startswith("${"):
             print(f"Config error: {key}=... puts a secret on the command line; export it and "
                   f"pass {key}='${{oc.env:NAME}}' instead", file=sys.stderr)  # fmt: skip
