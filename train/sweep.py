@@ -23,6 +23,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from train.mlflow_sync import is_http
 from train.secrets import redact, redact_overrides
 
 log = logging.getLogger(__name__)
@@ -194,6 +195,8 @@ def _experiment_id(client: Any, node: DictConfig) -> str:
     if experiment is not None and experiment.lifecycle_stage != "deleted":
         return experiment.experiment_id
     location = node.get("artifact_location")
+    if is_http(str(node.get("tracking_uri") or "")) and location and "://" not in str(location):
+        location = None  # as the logger does: a server keeps artifacts in its own store
     return client.create_experiment(str(node.experiment_name), artifact_location=location)
 
 
