@@ -65,8 +65,9 @@ def test_sigkill_at_a_random_step_resumes_to_the_uninterrupted_run(
     proc = popen(run_root, *common, RECORD, f"+callbacks.record.path={keys_run}",
                  shards=demo_shards)  # fmt: skip
     kill_when(proc, lambda: (ckpt_dir(run_root) / f"step_{at:07d}.ckpt").exists())
-    killed_at = load(ckpt_dir(run_root) / "last.ckpt")["global_step"]
-    assert at <= killed_at < STEPS, f"killed after step {at}"
+    # The kill may fall between step_<at>.ckpt and last.ckpt: resume takes the newest whole one.
+    saved = [load(p)["global_step"] for p in ckpt_dir(run_root).glob("*.ckpt")]
+    assert at <= max(saved) < STEPS, f"killed after step {at}"
     train(*common, RECORD, f"+callbacks.record.path={keys_run}", f"paths.root={run_root}",
           "ckpt_path=last")  # fmt: skip
 

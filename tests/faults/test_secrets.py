@@ -51,11 +51,12 @@ def test_a_literal_secret_on_the_command_line_is_refused(train, tmp_path: Path) 
     assert not (tmp_path / "runs").exists()
 
 
-def test_job_files_carry_secrets_by_reference_only(tmp_path: Path, monkeypatch) -> None:
+def test_job_files_carry_secrets_by_reference_only(tmp_path: Path, demo_shards: Path) -> None:
     env = fault_env(tmp_path) | SECRETS
 
     def submit(*args: str) -> subprocess.CompletedProcess:
-        cmd = [SUBMIT, "--dry-run", "experiment=tiny", f"paths.root={tmp_path}", *args]
+        cmd = [SUBMIT, "--dry-run", "experiment=tiny", f"data.urls={demo_shards}",
+               f"paths.root={tmp_path}", *args]  # fmt: skip
         return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
 
     refused = submit("launcher=slurm", f"+launcher.env.HF_TOKEN={SECRETS['HF_TOKEN']}")
