@@ -24,7 +24,8 @@ from mlflow_server import free_port
 
 from train.config_check import ConfigError
 from train.mlflow_logger import ResilientMLFlowLogger
-from train.mlflow_sync import SPOOL_TAG, Spool, main, sync
+from train.mlflow_spool import SPOOL_TAG, Spool
+from train.mlflow_sync import main, sync
 
 BIN = Path(sys.executable).parent
 STEPS = 30

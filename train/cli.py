@@ -56,7 +56,7 @@ def refuse_literal_secrets(args: Sequence[str]) -> None:
     """Secrets come from the environment (`key=${oc.env:NAME}`), never typed on the command line,
     where Hydra would save them in the run's .hydra/ files and shells keep them in history;
     the same for a tracking URI with credentials in it."""
-    from train.mlflow_sync import check_tracking_uri
+    from train.mlflow_spool import check_tracking_uri
     from train.secrets import is_secret_name
 
     for arg in args:

@@ -21,14 +21,12 @@ from __future__ import annotations
 
 import atexit
 import functools
-import itertools
 import logging
 import os
 import tempfile
 import threading
 import time
 import uuid
-from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -37,18 +35,16 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers.mlflow import _get_resolve_tags
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from train.mlflow_sync import (
-    BATCH_LIMITS,
+from train.mlflow_spool import (
     PROVISIONAL_PREFIX,
     Op,
-    Sender,
     Spool,
-    Unreachable,
     check_tracking_uri,
     is_http,
     is_permanent,
     probe,
 )
+from train.mlflow_worker import SendWorker
 
 log = logging.getLogger(__name__)
 _STATUS = {"success": "FINISHED", "finished": "FINISHED", "failed": "FAILED"}
@@ -56,77 +52,6 @@ _STATUS = {"success": "FINISHED", "finished": "FINISHED", "failed": "FAILED"}
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
-
-
-class _Worker:
-    """Sends spooled writes in order from a daemon thread; `flush` waits for them."""
-
-    def __init__(self, spool: Spool, uri: str, probe_timeout_s: float, down: str | None) -> None:
-        self.spool, self.uri, self.probe_timeout_s = spool, uri, probe_timeout_s
-        self.queue: deque[Op] = deque(spool.pending())  # a previous process's leftovers first
-        self.cond = threading.Condition()
-        self.wake = threading.Event()  # cuts a backoff short while someone waits in flush()
-        self.down_since: float | None = time.monotonic() if down else None
-        self.thread = threading.Thread(target=self._loop, name="mlflow-sender", daemon=True)
-
-    def submit(self, op: Op, source: Path | None = None) -> None:
-        op = self.spool.append(op, source)
-        with self.cond:
-            self.queue.append(op)
-            self.cond.notify_all()
-
-    def flush(self, timeout: float) -> int:
-        """Wait up to `timeout` s for the queue to drain; returns how many writes are left."""
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while self.queue and (left := deadline - time.monotonic()) > 0:
-                self.wake.set()
-                self.cond.wait(min(left, 0.5))
-            return len(self.queue)
-
-    def _loop(self) -> None:
-        sender = Sender(self.spool, self.uri)
-        while True:
-            if self.down_since is not None:
-                self._wait_until_up()
-            with self.cond:
-                while not self.queue:
-                    self.cond.wait()
-                ops = list(itertools.islice(self.queue, BATCH_LIMITS["metrics"]))
-            try:
-                done = sender.send(ops)
-            except Unreachable as e:
-                self._went_down(str(e))
-                continue
-            except Exception:  # a bug here must not end tracking for the rest of the run
-                log.exception("MLflow sender failed; retrying")
-                time.sleep(5.0)
-                continue
-            with self.cond:
-                for _ in range(done):
-                    self.queue.popleft()
-                self.cond.notify_all()
-
-    def _went_down(self, reason: str) -> None:
-        self.down_since = time.monotonic()
-        log.warning(
-            f"MLflow tracking server {self.uri} stopped answering ({reason[:300]}). Training "
-            f"goes on; {len(self.queue)} writes are kept in {self.spool.dir} and sent when it "
-            "is back"
-        )
-
-    def _wait_until_up(self) -> None:
-        delay = 1.0
-        while probe(self.uri, self.probe_timeout_s) is not None:
-            self.wake.wait(delay)
-            delay = 1.0 if self.wake.is_set() else min(delay * 2, 15.0)
-            self.wake.clear()
-        gone = time.monotonic() - (self.down_since or time.monotonic())
-        log.warning(
-            f"MLflow tracking server {self.uri} answers again (away {gone:.0f} s); sending "
-            f"{len(self.queue)} buffered writes"
-        )
-        self.down_since = None
 
 
 class _ClientProxy:
@@ -246,7 +171,7 @@ class ResilientMLFlowLogger(MLFlowLogger):
         self._spool_dir, self._flush_timeout_s = Path(spool_dir), flush_timeout_s
         self._probe_timeout_s = probe_timeout_s
         self._spool: Spool | None = None
-        self._worker: _Worker | None = None
+        self._worker: SendWorker | None = None
         self._proxy: _ClientProxy | None = None
         self._left_after_flush = 0
         self._start_lock = threading.Lock()
@@ -324,7 +249,7 @@ class ResilientMLFlowLogger(MLFlowLogger):
             spool.append(self._create_run_op())  # idempotent: found again by its tag
         spool.update_meta(self._run_id, tracking_uri=self._tracking_uri,
                           experiment_name=self._experiment_name)  # fmt: skip
-        self._worker = _Worker(spool, self._tracking_uri, self._probe_timeout_s, down)
+        self._worker = SendWorker(spool, self._tracking_uri, self._probe_timeout_s, down)
         self._proxy = _ClientProxy(self, self._mlflow_client)
         self._initialized = True
         self._worker.thread.start()

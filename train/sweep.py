@@ -23,7 +23,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from train.mlflow_sync import is_http
+from train.mlflow_spool import is_http
 from train.secrets import redact, redact_overrides
 
 log = logging.getLogger(__name__)
