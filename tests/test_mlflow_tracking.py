@@ -224,3 +224,23 @@ def test_resume_logs_into_the_same_run(tracked, resumed):
     assert data.params["trainer/max_steps"] == str(MAX_STEPS)
     assert data.tags["resume_command"] == shlex.join(sys.argv)
     assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_checkpoint_uploads_policy_all_goes_through_the_spool(mlflow_server, demo_shards, tmp_path):
+    """`logger.mlflow.log_model=all`: every checkpoint is uploaded as it is saved (queued: the
+    step does not wait), and arrives whole."""
+    import torch
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        cfg = compose_at(tmp_path, "experiment=tiny", "experiment_name=uploads",
+                         f"data.urls={demo_shards}", "logger.mlflow.log_model=all",
+                         f"logger.mlflow.tracking_uri={mlflow_server.uri}")  # fmt: skip
+        run(cfg)
+    client = MlflowClient(tracking_uri=mlflow_server.uri)
+    run_id = (Path(cfg.paths.run_dir) / RUN_ID_FILE).read_text().strip()
+    uploaded = {a.path for a in client.list_artifacts(run_id)}
+    assert {"step_0000002", "step_0000004", "last"} <= uploaded
+    got = client.download_artifacts(run_id, "step_0000004/step_0000004.ckpt", str(tmp_path))
+    assert torch.load(got, weights_only=True)["global_step"] == 4
+    assert not any((Path(cfg.paths.run_dir) / "mlflow_spool").glob("artifacts/*/*"))
