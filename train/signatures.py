@@ -172,3 +172,23 @@ def describe(s: Any) -> str:
     if kind == "literal":
         return f"one of {arg}"
     return f"list[{describe(arg)}]"
+
+
+def warm(conf_dir: Path) -> int:
+    """Cache the signature of every `_target_` named in the configs under `conf_dir` (run by
+    `make setup`, so that even the first bad config on a machine fails fast). Returns how many."""
+    targets = set()
+    for path in Path(conf_dir).rglob("*.yaml"):
+        for line in path.read_text().splitlines():
+            key, _, value = line.strip().partition(":")
+            if key in ("_target_", "- _target_") and value.strip():
+                targets.add(value.split("#", 1)[0].strip())
+    for target in sorted(targets):
+        with contextlib.suppress(Exception):  # a target this machine cannot import: no entry
+            signature(target)
+    return len(targets)
+
+
+if __name__ == "__main__":
+    count = warm(Path(__file__).resolve().parent.parent / "conf")
+    print(f"cached the signatures of {count} config targets in {cache_file()}")
