@@ -26,6 +26,7 @@ from train.tracking import (
     flatten_for_params,
     log_text,
     mlflow_loggers,
+    model_checkpoint,
     run_tags,
 )
 from train.util import launched_rank
@@ -208,6 +209,7 @@ def summary(trainer: L.Trainer, run_dir: Path) -> list[str]:
             lines.append(f"Export (diffusers layout, safetensors): {cb.path}")
         if isinstance(cb, SamplePreview) and cb.last_path:
             lines.append(f"Sample grid: {cb.last_path}")
-    if trainer.checkpoint_callback and trainer.checkpoint_callback.last_model_path:
-        lines.append(f"Last checkpoint: {trainer.checkpoint_callback.last_model_path}")
+    ckpt = model_checkpoint(trainer)
+    if ckpt is not None and ckpt.last_model_path:
+        lines.append(f"Last checkpoint: {ckpt.last_model_path}")
     return lines + describe_run(trainer)

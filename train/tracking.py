@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 from mlflow.exceptions import MlflowException
 
@@ -48,6 +49,12 @@ def run_tags() -> dict[str, str]:
         tags["mlflow.source.git.commit"] = commit
         tags["git.dirty"] = str(bool(_git("status", "--porcelain")))
     return tags | package_versions() | environment_ids() | sweep_tags()
+
+
+def model_checkpoint(trainer: L.Trainer) -> ModelCheckpoint | None:
+    """The run's ModelCheckpoint (`trainer.checkpoint_callback` may be the preemption callback,
+    another `Checkpoint`, when `callbacks.checkpoint` is null)."""
+    return next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
 
 
 def mlflow_loggers(trainer: L.Trainer) -> list[MLFlowLogger]:
@@ -108,7 +115,7 @@ class CheckpointPathTags(L.Callback):
         self._tagged: dict[str, str] = {}
 
     def _update(self, trainer: L.Trainer) -> None:
-        cb = trainer.checkpoint_callback
+        cb = model_checkpoint(trainer)
         if not trainer.is_global_zero or cb is None:
             return
         paths = {"checkpoint.last": cb.last_model_path, "checkpoint.best": cb.best_model_path}
