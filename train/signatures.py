@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections.abc as cabc
 import contextlib
+import functools
 import inspect
 import json
 import os
@@ -66,7 +67,13 @@ def signature(target_path: str) -> Signature | None:
 def _provenance(target_path: str) -> str:
     """What invalidates a cached signature: a change to this project's code, or another version
     of the distribution that provides the target."""
-    top = target_path.split(".", 1)[0]
+    return _provenance_of(target_path.split(".", 1)[0])
+
+
+@functools.cache
+def _provenance_of(top: str) -> str:
+    # Once per top-level package and process: `packages_distributions` scans every installed
+    # distribution (~0.3 s here), and a config names a dozen targets.
     if top in OURS:
         # Any file of the project: a class's signature can come from a base in another module.
         root = Path(__file__).resolve().parent.parent
