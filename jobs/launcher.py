@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from train.secrets import is_secret_name
+from train.secrets import is_secret_name, literal_secret
 
 # Keys a launcher sets from its own resources; the same keys given as overrides would disagree.
 LAUNCHER_OWNED = ("trainer.num_nodes", "trainer.devices", "trainer.accelerator", "ckpt_path")
@@ -54,7 +54,7 @@ class Launcher:
         self.procs = gpus_per_node or procs_per_node
         self.cpus_per_task, self.mem_gb = cpus_per_task, mem_gb
         self.job_name = job_name
-        self.check_paths = check_paths  # read by ldm-submit before the launcher is built
+        self.check_paths = check_paths  # whether ldm-submit checks data/model paths here
         self.env = dict(env or {})
         for name in self.env:
             if is_secret_name(name):
@@ -113,8 +113,7 @@ def user_overrides(overrides: list[str]) -> list[str]:
         key = o.lstrip("+~").split("=", 1)[0]
         if key == "launcher" or key.startswith("launcher.") or key in PASSED_BY_LAUNCHER:
             continue
-        value = o.split("=", 1)[1] if "=" in o else ""
-        if is_secret_name(key) and value and not value.startswith("${"):
+        if literal_secret(o):
             raise SubmitError(
                 f"{key}=... would write a secret into the job file; pass {key}='${{oc.env:NAME}}' "
                 "and provide NAME in the job's environment"

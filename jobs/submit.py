@@ -32,18 +32,14 @@ def prepare(overrides: list[str]) -> tuple[Launcher, Job]:
     cfg = compose(overrides)
     if cfg.launcher is None:
         raise SubmitError(f"choose where the job runs: {LAUNCHERS}")
-    # Paths are checked only where the job sees this machine's filesystem (not in pods).
-    local_paths = bool(cfg.launcher.get("check_paths", True))
-    # Not the run folder: the job's own (a new name per submission) is not this one.
-    early_checks(cfg, world_size=None, local_paths=local_paths, run_dir=False)
-    check_config(cfg, local_paths=local_paths)  # the launcher's keys and types too
+    # Data and model paths are checked only where the job sees this machine's filesystem.
+    check_config(cfg, local_paths=bool(cfg.launcher.get("check_paths", True)))  # launcher too
     try:
         launcher: Launcher = instantiate(cfg.launcher)
     except InstantiationException as e:  # Hydra wraps the constructor's own message
         raise (e.__cause__ if isinstance(e.__cause__, SubmitError) else e) from None
-    early_checks(
-        cfg, launcher.world_size, local_paths=False, run_dir=False
-    )  # the batch over the job's ranks
+    # The global batch over the job's ranks; not the run folder: each job gets a new one.
+    early_checks(cfg, launcher.world_size, local_paths=launcher.check_paths, run_dir=False)
     name, run_name = launcher.names(cfg.run_name, time.strftime("%Y%m%d-%H%M%S"))
     return launcher, Job(name, run_name, user_overrides(overrides), str(cfg.paths.root))
 

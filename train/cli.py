@@ -57,17 +57,17 @@ def refuse_literal_secrets(args: Sequence[str]) -> None:
     where Hydra would save them in the run's .hydra/ files and shells keep them in history;
     the same for a tracking URI with credentials in it."""
     from train.mlflow_spool import check_tracking_uri
-    from train.secrets import is_secret_name
+    from train.secrets import literal_secret
 
     for arg in args:
-        key, sep, value = arg.partition("=")
+        key, _, value = arg.partition("=")
         if key.lstrip("+~").endswith("tracking_uri"):
             try:
                 check_tracking_uri(value)
             except ConfigError as e:
                 print(f"Config error: {e}", file=sys.stderr)
                 sys.exit(2)
-        if sep and is_secret_name(key.lstrip("+~")) and value and not value.startswith("${"):
+        if literal_secret(arg):
             print(f"Config error: {key}=... puts a secret on the command line; export it and "
                   f"pass {key}='${{oc.env:NAME}}' instead", file=sys.stderr)  # fmt: skip
             sys.exit(2)

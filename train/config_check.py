@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from train.run_files import check_fresh_start
+from train.run_files import check_fresh_start, checkpoint_dir
 from train.signatures import describe, matches, signature
 
 RESERVED = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}
@@ -67,10 +67,9 @@ def early_checks(
             except FileNotFoundError as e:
                 raise ConfigError(str(e).replace("data.urls=", f"{key}=", 1)) from None
     _check_tracking_uri(cfg)
-    paths, ckpt = cfg.get("paths") or {}, (cfg.get("callbacks") or {}).get("checkpoint")
+    paths = cfg.get("paths") or {}
     if run_dir and paths.get("run_dir"):
-        ckpt_dir = Path(ckpt.dirpath) if ckpt is not None and ckpt.get("dirpath") else None
-        problem = check_fresh_start(Path(paths.run_dir), ckpt_dir, cfg.get("ckpt_path"))
+        problem = check_fresh_start(Path(paths.run_dir), checkpoint_dir(cfg), cfg.get("ckpt_path"))
         if problem:
             raise ConfigError(problem)
     trainer = cfg.get("trainer") or {}
@@ -87,11 +86,14 @@ def early_checks(
 def _check_tracking_uri(cfg: DictConfig) -> None:
     """A tracking URI that cannot work is a config error; a server that is merely down is an
     outage, which the MLflow logger rides out (train/mlflow_logger.py)."""
+    from train.mlflow_spool import check_tracking_uri
+
     node = (cfg.get("logger") or {}).get("mlflow")
     uri = str(node.get("tracking_uri") or "") if node is not None else ""
-    scheme, _, rest = uri.partition("://")
+    scheme = uri.partition("://")[0]
     if not uri or scheme in ("sqlite", "file", "databricks", "postgresql", "mysql", "mssql"):
         return
+    check_tracking_uri(uri)  # credentials in the URI (e.g. from MLFLOW_TRACKING_URI)
     key = "logger.mlflow.tracking_uri"
     if scheme not in ("http", "https"):
         raise ConfigError(

@@ -18,7 +18,7 @@ from train.callbacks import ConfigInCheckpoint, ExportOnTrainEnd, SamplePreview
 from train.checkpoint_io import resolve_checkpoint
 from train.config_check import ConfigError, check_config
 from train.lineage import dataset_manifest, requirements
-from train.run_files import RUN_ID_FILE, check_fresh_start
+from train.run_files import RUN_ID_FILE, check_fresh_start, checkpoint_dir
 from train.secrets import redact
 from train.tracking import (
     MLFLOW_RUN_ID_KEY,
@@ -38,10 +38,11 @@ def run(cfg: DictConfig) -> float | None:
     """Train as configured; returns `cfg.optimized_metric` (for sweeps) when set."""
     run_dir = Path(cfg.paths.run_dir)
     check_config(cfg)
-    problem = check_fresh_start(run_dir, checkpoint_dir(cfg), cfg.ckpt_path)
+    ckpt_dir = checkpoint_dir(cfg)
+    problem = check_fresh_start(run_dir, ckpt_dir, cfg.ckpt_path)
     if problem:
         raise ConfigError(problem)
-    ckpt_path = resolve_checkpoint(cfg.ckpt_path, run_dir, checkpoint_dir(cfg))
+    ckpt_path = resolve_checkpoint(cfg.ckpt_path, run_dir, ckpt_dir)
     L.seed_everything(cfg.seed, workers=True)
 
     loggers = build_loggers(cfg.logger, run_dir, ckpt_path)
@@ -105,11 +106,6 @@ def apply_batch_plan(cfg: DictConfig, trainer: L.Trainer) -> BatchPlan:
             "world_size": plan.world_size,
         }
     return plan
-
-
-def checkpoint_dir(cfg: DictConfig) -> Path | None:
-    node = (cfg.callbacks or {}).get("checkpoint")
-    return Path(node.dirpath) if node is not None and node.get("dirpath") else None
 
 
 def check_resolution(datamodule: Any, module: Any) -> None:
@@ -187,7 +183,7 @@ def record_lineage(trainer: L.Trainer, resolved: dict, datamodule: Any, run_dir:
     for logger in mlflow_loggers(trainer):
         for key, value in tags.items():
             logger.experiment.set_tag(logger.run_id, key, value)
-    config = {k: v for k, v in resolved.items() if k != "hydra"}
+    config = flatten_for_params(resolved)  # without Hydra's bookkeeping, as in the params
     log_text(trainer, OmegaConf.to_yaml(config), run_dir / "config.yaml", "config")
     log_text(trainer, manifest, run_dir / "dataset_manifest.tsv", "dataset")
     log_text(trainer, requirements(), run_dir / "requirements.txt", "environment")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 RUN_ID_FILE = "mlflow_run_id"  # the MLflow run this folder logs to
 HPC_PATTERN = re.compile(r"hpc_ckpt_(\d+)\.ckpt$")  # preemption checkpoints (Lightning's name)
@@ -11,6 +12,12 @@ HPC_PATTERN = re.compile(r"hpc_ckpt_(\d+)\.ckpt$")  # preemption checkpoints (Li
 
 def hpc_checkpoints(run_dir: Path) -> list[Path]:
     return [p for p in Path(run_dir).glob("hpc_ckpt_*.ckpt") if HPC_PATTERN.search(p.name)]
+
+
+def checkpoint_dir(cfg: Any) -> Path | None:
+    """Where `callbacks.checkpoint` (a ModelCheckpoint) writes; None without one."""
+    node = (cfg.get("callbacks") or {}).get("checkpoint")
+    return Path(node.dirpath) if node is not None and node.get("dirpath") else None
 
 
 def check_fresh_start(run_dir: Path, ckpt_dir: Path | None, ckpt_path: str | None) -> str | None:

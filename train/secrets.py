@@ -50,6 +50,16 @@ def redact(obj: Any, values: list[str] | None = None, key: str = "") -> Any:
     return scrub_text(obj, values) if isinstance(obj, str) else obj
 
 
+def literal_secret(override: str) -> str | None:
+    """The key of a `key=value` override that sets a secret-named key to a literal value (not
+    an `${oc.env:...}` reference), else None."""
+    key, sep, value = override.partition("=")
+    key = key.lstrip("+~")
+    if sep and value and is_secret_name(key) and not value.startswith("${"):
+        return key
+    return None
+
+
 def redact_overrides(args: list[str]) -> list[str]:
     """Command-line overrides with secret-named keys' values hidden (`key=***`)."""
     out = []
