@@ -110,7 +110,8 @@ def remove_partials(folder: Path) -> None:
         return
     for tmp in [*Path(folder).glob(f".*{TMP_MARK}*"), *Path(folder).glob(".*.partial")]:
         log.warning("removing %s, left by a checkpoint write that was interrupted", tmp)
-        shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        # Every rank runs this at start: another may have removed it already.
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
 
 
 def unreadable(path: Path) -> str | None:
