@@ -53,12 +53,13 @@ def max_diff(a: dict, b: dict) -> float:
 
 
 def test_sigkill_at_a_random_step_resumes_to_the_uninterrupted_run(
-    train, demo_shards: Path, tmp_path: Path
+    train_process, demo_shards: Path, tmp_path: Path
 ) -> None:
     common = [f"trainer.max_steps={STEPS}", "callbacks.checkpoint.every_n_train_steps=2",
               "logger=none"]  # fmt: skip
     ref_root, run_root = tmp_path / "ref", tmp_path / "faulted"
     keys_ref, keys_run = tmp_path / "ref_keys.tsv", tmp_path / "run_keys.tsv"
+    train = train_process  # all three runs in processes of their own, to compare bit for bit
     train(*common, RECORD, f"+callbacks.record.path={keys_ref}", f"paths.root={ref_root}")
 
     at = random.Random().randrange(2, STEPS - 2, 2)  # printed by pytest on failure

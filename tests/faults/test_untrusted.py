@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import io
 import pickle
-import subprocess
 import sys
 import tarfile
 from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import run_cli
 from PIL import Image
+
+from train.export import main as export_main
 
 LDM_EXPORT = str(Path(sys.executable).parent / "ldm-export")
 
@@ -40,8 +42,7 @@ def test_a_checkpoint_with_a_pickled_object_is_refused(train, tmp_path: Path) ->
 
     proc = train("trainer.max_steps=4", f"ckpt_path={evil}", "logger=none", expect=2)
     assert f"ckpt_path={evil}: cannot be loaded: UnpicklingError" in proc.stderr
-    export = subprocess.run([LDM_EXPORT, str(evil), str(tmp_path / "out")], capture_output=True,
-                            text=True)  # fmt: skip
+    export = run_cli(export_main, [LDM_EXPORT, str(evil), str(tmp_path / "out")])
     assert export.returncode != 0 and "Weights only load failed" in export.stderr
     assert not marker.exists()
     assert not (tmp_path / "out").exists()
@@ -51,8 +52,7 @@ def test_sharded_checkpoint_folders_need_allow_pickle(tmp_path: Path) -> None:
     folder = tmp_path / "last.ckpt"
     (folder / "checkpoint").mkdir(parents=True)
     (folder / "latest").write_text("checkpoint")
-    proc = subprocess.run([LDM_EXPORT, str(folder), str(tmp_path / "out")], capture_output=True,
-                          text=True)  # fmt: skip
+    proc = run_cli(export_main, [LDM_EXPORT, str(folder), str(tmp_path / "out")])
     assert proc.returncode == 1
     assert "is a sharded checkpoint folder" in proc.stderr and "--allow-pickle" in proc.stderr
 
