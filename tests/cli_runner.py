@@ -84,7 +84,7 @@ def _restored_process_state(env: Mapping[str, str] | None, cwd: str | Path | Non
 @contextlib.contextmanager
 def _captured_fds() -> Iterator[Callable[[], tuple[str, str]]]:
     """Point fds 1 and 2 (and sys.stdout/stderr) at temporary files for the block."""
-    files = [tempfile.TemporaryFile(mode="w+b") for _ in range(2)]
+    files = [tempfile.TemporaryFile(mode="w+b") for _ in range(2)]  # noqa: SIM115
     saved = []
     for fd, f in zip((1, 2), files, strict=True):
         sys.stdout.flush()
