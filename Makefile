@@ -7,7 +7,10 @@ OUT ?= outputs
 STAMP := $(shell date +%Y%m%d-%H%M%S)
 # jemalloc makes VAE encoding and sampling several times faster on CPU where it is installed.
 JEMALLOC = $(firstword $(wildcard /usr/lib/*-linux-gnu/libjemalloc.so.2))
-RUN = $(if $(JEMALLOC),LD_PRELOAD=$(JEMALLOC)) HF_HUB_OFFLINE=1 LDM_OUTPUT_DIR=$(OUT)
+# The venv's tools first on PATH, as with an activated venv (DeepSpeed builds its CPU ops with
+# the `ninja` it finds there; another ninja would rebuild them).
+RUN = PATH=$(abspath $(BIN)):$$PATH $(if $(JEMALLOC),LD_PRELOAD=$(JEMALLOC)) HF_HUB_OFFLINE=1 \
+  LDM_OUTPUT_DIR=$(OUT)
 
 .PHONY: setup demo test lint clean
 setup: $(VENV)/.installed
@@ -50,7 +53,10 @@ demo: setup
 	@echo "Held-out grid: $(OUT)/runs/demo-$(STAMP)/heldout_grid.png"
 	@echo "MLflow:        $(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath $(OUT))/mlflow.db"
 
+# tests/prepare.py installs the suite's tools once per machine (SLURM and MariaDB from apt,
+# img2dataset's venv, DeepSpeed's CPU ops), so that no test pays for an install.
 test: setup
+	$(RUN) $(PY) tests/prepare.py
 	$(RUN) $(BIN)/pytest -q $(PYTEST_ARGS)
 
 lint: setup

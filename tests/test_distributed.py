@@ -1,8 +1,11 @@
 """Scale-out on CPU processes (gloo): DDP, FSDP and DeepSpeed ZeRO-2/3 train, checkpoint,
 resume and export what one process with the same global batch and seed exports.
 
-Every run is `ldm-train` itself with two processes (Lightning's launcher, or torchrun for the
-two-"node" run). The optimizer is SGD with momentum: Adam's g / sqrt(v) turns float rounding
+Every run is `ldm-train` itself with two processes: Lightning's launcher for DDP (what
+`trainer.devices=2` does on one machine), torchrun for the other strategies (as jobs launch them;
+both ranks import at once, where Lightning's launcher starts rank 1 only once rank 0 has built
+its Trainer) and for the two-"node" run. `ldm-export` runs in the test process (`cli_runner`):
+its subject is the consolidation, not a process. The optimizer is SGD with momentum: Adam's g / sqrt(v) turns float rounding
 in near-zero gradients (which differs with the reduction order of each strategy) into
 update-sized differences (~1e-4 after 4 steps), while SGD keeps them at rounding level, so the
 comparison can be tight enough to catch a wrong gradient, batch split, EMA or noise draw.
@@ -19,13 +22,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import run_cli
 from img2dataset_env import free_port
 from safetensors.torch import load_file
+
+from train.export import main as export_main
 
 LDM_TRAIN = str(Path(sys.executable).parent / "ldm-train")
 LDM_EXPORT = str(Path(sys.executable).parent / "ldm-export")
 UNET = "unet/diffusion_pytorch_model.safetensors"
 STEPS = 4
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
 
 
 def common(shards: Path) -> list[str]:
@@ -62,6 +69,11 @@ def ldm_train(root: Path, *overrides: str, launcher: list[str] | None = None):
     return proc
 
 
+def ldm_export(*args: str) -> None:
+    proc = run_cli(export_main, [LDM_EXPORT, *args])
+    assert proc.returncode == 0, f"ldm-export {' '.join(args)}: {proc.stderr[-3000:]}"
+
+
 def grad_norms(root: Path) -> list[tuple[int, float]]:
     """`train/grad_norm` history of the one MLflow run under ``root``."""
     import mlflow
@@ -93,9 +105,7 @@ def reference(demo_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> di
     )
     assert "global batch 8 = 4 per device x 1 devices x 2 accumulation steps" in out.stdout
     run = root / "runs" / "single"
-    raw = [LDM_EXPORT, "--no-ema", "--allow-pickle", str(run / "checkpoints/last.ckpt"),
-           str(run / "raw")]  # fmt: skip
-    subprocess.run(raw, check=True, capture_output=True)
+    ldm_export("--no-ema", "--allow-pickle", str(run / "checkpoints/last.ckpt"), str(run / "raw"))
     return {"ema": run / "export", "raw": run / "raw", "root": root}
 
 
@@ -109,8 +119,9 @@ def test_two_processes_train_resume_and_export_like_one(
     # EMA and raw weights must differ, or the comparisons below could not tell them apart.
     assert max_diff(reference["ema"], reference["raw"]) > 1e-3
     args = [*common(demo_shards), "trainer.devices=2", f"strategy={strategy}", "run_name=r"]
+    launcher = None if strategy == "ddp" else TORCHRUN
     # Stop at step 2 (as a preempted job would), then resume to step 4 from the checkpoint.
-    first = ldm_train(tmp_path, *args, "trainer.max_steps=2")
+    first = ldm_train(tmp_path, *args, "trainer.max_steps=2", launcher=launcher)
     assert "global batch 8 = 4 per device x 2 devices x 1 accumulation steps" in first.stdout
     run = tmp_path / "runs" / "r"
     last = run / "checkpoints" / "last.ckpt"
@@ -118,7 +129,7 @@ def test_two_processes_train_resume_and_export_like_one(
         assert (last / "checkpoint").is_dir() and (last / "latest").is_file()
     elif strategy == "fsdp":
         assert {"__0_0.distcp", "__1_0.distcp", "meta.pt"} <= {p.name for p in last.iterdir()}
-    ldm_train(tmp_path, *args, "ckpt_path=last")
+    ldm_train(tmp_path, *args, "ckpt_path=last", launcher=launcher)
 
     # Gradient norms: DDP's whole gradients, FSDP's shards summed over ranks, DeepSpeed's own.
     ours, ref = grad_norms(tmp_path), grad_norms(reference["root"])
@@ -131,8 +142,7 @@ def test_two_processes_train_resume_and_export_like_one(
     # ldm-export consolidates the sharded checkpoint to the same files, EMA or raw.
     for flag, ref in (([], "ema"), (["--no-ema"], "raw")):
         out = run / f"offline-{ref}"
-        cmd = [LDM_EXPORT, *flag, "--allow-pickle", str(last), str(out)]
-        subprocess.run(cmd, check=True, capture_output=True)
+        ldm_export(*flag, "--allow-pickle", str(last), str(out))
         assert max_diff(out, reference[ref]) < 1e-6, ref
 
 
@@ -162,13 +172,11 @@ def test_zero3_with_cpu_offload_trains_and_consolidates(demo_shards: Path, tmp_p
     """ZeRO-3 with parameters and optimizer state offloaded (DeepSpeed's CPU Adam, compiled on
     first use): the export gathered at the end equals ldm-export's offline consolidation."""
     args = [a for a in common(demo_shards) if not a.startswith(("model.optimizer", "+model"))]
-    ldm_train(
-        tmp_path, *args, "trainer.devices=2", "strategy=deepspeed_zero3_offload", "run_name=o"
-    )
+    offload = ["trainer.devices=2", "strategy=deepspeed_zero3_offload", "run_name=o"]
+    ldm_train(tmp_path, *args, *offload, launcher=TORCHRUN)
     run = tmp_path / "runs" / "o"
     out = run / "offline"
-    cmd = [LDM_EXPORT, "--allow-pickle", str(run / "checkpoints/last.ckpt"), str(out)]
-    subprocess.run(cmd, check=True)
+    ldm_export("--allow-pickle", str(run / "checkpoints/last.ckpt"), str(out))
     assert max_diff(run / "export", out) < 1e-6
     weights = load_file(out / UNET)
     assert all(torch.isfinite(w).all() for w in weights.values())
