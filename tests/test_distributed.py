@@ -5,10 +5,12 @@ Every run is `ldm-train` itself with two processes: Lightning's launcher for DDP
 `trainer.devices=2` does on one machine), torchrun for the other strategies (as jobs launch them;
 both ranks import at once, where Lightning's launcher starts rank 1 only once rank 0 has built
 its Trainer) and for the two-"node" run. `ldm-export` runs in the test process (`cli_runner`):
-its subject is the consolidation, not a process. The optimizer is SGD with momentum: Adam's g / sqrt(v) turns float rounding
-in near-zero gradients (which differs with the reduction order of each strategy) into
-update-sized differences (~1e-4 after 4 steps), while SGD keeps them at rounding level, so the
-comparison can be tight enough to catch a wrong gradient, batch split, EMA or noise draw.
+its subject is the consolidation, not a process.
+
+The optimizer is SGD with momentum: Adam's g / sqrt(v) turns float rounding in near-zero
+gradients (which differs with the reduction order of each strategy) into update-sized
+differences (~1e-4 after 4 steps), while SGD keeps them at rounding level, so the comparison can
+be tight enough to catch a wrong gradient, batch split, EMA or noise draw.
 """
 
 from __future__ import annotations
