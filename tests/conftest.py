@@ -26,6 +26,22 @@ def demo_shards(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, demo_shards):
+    """One tiny `experiment=tiny` run (4 steps, MLflow store under its root) for the session:
+    its checkpoints, export and MLflow run are read by the training, export and sampling tests.
+    Tests that change a run (resume) work on a copy. Returns (run_dir, cfg)."""
+    from train.cli import compose
+    from train.run import run
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    cfg = compose([f"paths.root={root}", "experiment=tiny", f"data.urls={demo_shards}"])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)  # its own store, under root
+        run(cfg)
+    return Path(cfg.paths.run_dir), cfg
+
+
+@pytest.fixture(scope="session")
 def tokenizer():
     """The offline MiniLM WordPiece tokenizer, 32 tokens."""
     import transformers

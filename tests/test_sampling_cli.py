@@ -13,7 +13,6 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from train.evaluate import evaluate_export
-from train.run import run
 from train.sample import load_pipeline, main
 
 PROMPTS = (
@@ -22,21 +21,12 @@ PROMPTS = (
 )
 
 
-@pytest.fixture(scope="module")
-def export(tmp_path_factory, demo_shards) -> Path:
-    from hydra import compose, initialize_config_dir
-
-    from train import config
-    from train.cli import CONFIG_DIR as CONF_DIR
-
-    config.register()
-    root = tmp_path_factory.mktemp("sampling")
-    overrides = [f"paths.root={root}", "experiment=tiny", f"data.urls={demo_shards}", "logger=none"]
-    with initialize_config_dir(CONF_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
+@pytest.fixture
+def export(tiny_run) -> Path:
+    """The session's tiny run's export (16 px)."""
+    run_dir, cfg = tiny_run
     assert cfg.data.resolution == 16
-    run(cfg)
-    return Path(cfg.paths.run_dir) / "export"
+    return run_dir / "export"
 
 
 def sample_grid(export: Path, out: Path, *args: str) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -18,24 +19,10 @@ def tiny(compose, shards: Path, *overrides: str):
     return compose("experiment=tiny", f"data.urls={shards}", "logger=none", *overrides)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, demo_shards):
-    """One tiny run shared by the tests that only read its outputs."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from train import config
-    from train.cli import CONFIG_DIR as CONF_DIR
-
-    config.register()
-    root = tmp_path_factory.mktemp("run")
-    with initialize_config_dir(CONF_DIR, version_base="1.3"):
-        cfg = hydra_compose(
-            "train",
-            overrides=[f"paths.root={root}", "experiment=tiny", f"data.urls={demo_shards}"],
-        )
-    run(cfg)
-    return Path(cfg.paths.run_dir), cfg
+@pytest.fixture
+def trained(tiny_run):
+    """The session's tiny run (only read here)."""
+    return tiny_run
 
 
 def test_run_writes_checkpoints_and_a_loadable_export(trained):
@@ -79,19 +66,27 @@ def test_ldm_export_cli_reproduces_the_export(trained, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_resume_from_last_continues_at_the_saved_step(trained, compose, demo_shards):
+def test_resume_from_last_continues_at_the_saved_step(trained, compose, demo_shards, tmp_path):
     run_dir, cfg = trained
+    # A copy of the run's folder: the session's run stays as it is for the other tests.
+    root = tmp_path / "resumed"
+    shutil.copytree(Path(cfg.paths.root) / "runs", root / "runs")
+    copied = root / "runs" / run_dir.name
     cfg2 = compose(
         "experiment=tiny",
-        f"paths.root={Path(cfg.paths.root)}",
+        f"paths.root={root}",
         f"data.urls={demo_shards}",
         "ckpt_path=last",
         "trainer.max_steps=6",
+        "logger=none",  # resume into MLflow: test_mlflow_tracking.py
     )
+    assert load_checkpoint(copied / "checkpoints" / "last.ckpt")["global_step"] == 4
     run(cfg2)
-    ckpt = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    ckpt = load_checkpoint(copied / "checkpoints" / "last.ckpt")
     assert ckpt["global_step"] == 6
-    assert (run_dir / "checkpoints" / "step_0000006.ckpt").exists()
+    assert (copied / "checkpoints" / "step_0000006.ckpt").exists()
+    # The checkpoint names the folder it was written in; a moved run still writes last.ckpt.
+    assert not list((copied / "checkpoints").glob("last-v*")), "stale last.ckpt left behind"
 
 
 def test_fresh_start_refuses_to_overwrite_an_existing_run(trained, compose, demo_shards):
