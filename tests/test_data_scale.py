@@ -79,13 +79,20 @@ def test_uneven_shards_two_ranks_two_workers(uneven: str, tmp_path: Path) -> Non
         assert len(rates) == 8 and all(v > 0 for v in rates)  # every 4 of 32 steps
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(uneven: str, tmp_path_factory: pytest.TempPathFactory) -> dict[int, list]:
+    """The keys every step of an uninterrupted 2-epoch run consumed: step -> keys."""
+    full = tmp_path_factory.mktemp("full")
+    _run(uneven, full, "--epochs", "2")
+    return {rec["step"]: rec["keys"] for rec in _records(full)}
+
+
 @pytest.mark.parametrize(("ckpt_every", "kill_at"), [(13, 44), (5, 12)])
 def test_exact_resume_after_sigkill(
-    uneven: str, tmp_path: Path, ckpt_every: int, kill_at: int
+    uneven: str, uninterrupted: dict[int, list], tmp_path: Path, ckpt_every: int, kill_at: int
 ) -> None:
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    _run(uneven, full, "--epochs", "2")
-    reference = {rec["step"]: rec["keys"] for rec in _records(full)}
+    cut = tmp_path / "cut"
+    reference = uninterrupted
     assert len(reference) == 68  # 136 / 2 workers / 4 = 17 batches per worker, 2 epochs
 
     killed = _run(

@@ -1,10 +1,10 @@
 """Scale-out on CPU processes (gloo): DDP, FSDP and DeepSpeed ZeRO-2/3 train, checkpoint,
 resume and export what one process with the same global batch and seed exports.
 
-Every run is `ldm-train` itself with two processes: Lightning's launcher for DDP (what
-`trainer.devices=2` does on one machine), torchrun for the other strategies (as jobs launch them;
-both ranks import at once, where Lightning's launcher starts rank 1 only once rank 0 has built
-its Trainer) and for the two-"node" run. `ldm-export` runs in the test process (`cli_runner`):
+Every run is `ldm-train` itself with two processes: Lightning's launcher for DDP's first leg
+(what `trainer.devices=2` does on one machine), torchrun for every other run (as jobs launch
+them; both ranks import at once, where Lightning's launcher starts rank 1 only once rank 0 has
+built its Trainer, ~10 s later here), the two-"node" run included. `ldm-export` runs in the test process (`cli_runner`):
 its subject is the consolidation, not a process.
 
 The optimizer is SGD with momentum: Adam's g / sqrt(v) turns float rounding in near-zero
@@ -131,7 +131,7 @@ def test_two_processes_train_resume_and_export_like_one(
         assert (last / "checkpoint").is_dir() and (last / "latest").is_file()
     elif strategy == "fsdp":
         assert {"__0_0.distcp", "__1_0.distcp", "meta.pt"} <= {p.name for p in last.iterdir()}
-    ldm_train(tmp_path, *args, "ckpt_path=last", launcher=launcher)
+    ldm_train(tmp_path, *args, "ckpt_path=last", launcher=TORCHRUN)
 
     # Gradient norms: DDP's whole gradients, FSDP's shards summed over ranks, DeepSpeed's own.
     ours, ref = grad_norms(tmp_path), grad_norms(reference["root"])

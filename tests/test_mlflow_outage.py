@@ -19,6 +19,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from cli_runner import run_cli
 from mlflow import MlflowClient
 from mlflow_server import free_port
 
@@ -60,10 +61,9 @@ def finish(proc: subprocess.Popen, root: Path, timeout: float = 240) -> str:
 
 
 def run_sync(path: Path, uri: str) -> str:
-    out = subprocess.run(
-        [sys.executable, "-m", "train.mlflow_sync", str(path), "--tracking-uri", uri],
-        capture_output=True, text=True, timeout=120, env={**os.environ, **FAST_FAIL},
-    )  # fmt: skip
+    """`ldm-mlflow-sync PATH --tracking-uri URI`, in this process (`cli_runner`)."""
+    argv = ["ldm-mlflow-sync", str(path), "--tracking-uri", uri]
+    out = run_cli(main, argv, env={**os.environ, **FAST_FAIL})
     assert out.returncode == 0, out.stdout + out.stderr
     return out.stdout
 

@@ -14,7 +14,12 @@ from lightning.pytorch.loggers import Logger, MLFlowLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from train.batching import BatchPlan, plan_batch, scaled_lr
-from train.callbacks import ConfigInCheckpoint, ExportOnTrainEnd, SamplePreview
+from train.callbacks import (
+    ConfigInCheckpoint,
+    ExportOnTrainEnd,
+    SamplePreview,
+    check_whole_weights,
+)
 from train.checkpoint_io import resolve_checkpoint
 from train.config_check import ConfigError, check_config
 from train.lineage import dataset_manifest, requirements
@@ -58,6 +63,7 @@ def run(cfg: DictConfig) -> float | None:
     datamodule = instantiate(cfg.data)  # cheap, and fails fast on bad shard patterns
     module = instantiate(cfg.model)
     check_resolution(datamodule, module)
+    check_whole_weights(trainer, module)  # before Lightning starts the other ranks in fit()
     resolved = redact(OmegaConf.to_container(cfg, resolve=True))  # params, artifacts, ckpts
     trainer.callbacks.append(ConfigInCheckpoint(resolved))
     if trainer.is_global_zero:
