@@ -4,8 +4,8 @@ resume and export what one process with the same global batch and seed exports.
 Every run is `ldm-train` itself with two processes: Lightning's launcher for DDP's first leg
 (what `trainer.devices=2` does on one machine), torchrun for every other run (as jobs launch
 them; both ranks import at once, where Lightning's launcher starts rank 1 only once rank 0 has
-built its Trainer, ~10 s later here), the two-"node" run included. `ldm-export` runs in the test process (`cli_runner`):
-its subject is the consolidation, not a process.
+built its Trainer, ~10 s later here), the two-"node" run included. `ldm-export` runs in the
+test process (`cli_runner`): its subject is the consolidation, not a process.
 
 The optimizer is SGD with momentum: Adam's g / sqrt(v) turns float rounding in near-zero
 gradients (which differs with the reduction order of each strategy) into update-sized
