@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from jobs.launcher import Job, Launcher, SubmitError, dns_name
+from jobs.launcher import DNS_LIMIT, Job, Launcher, SubmitError, dns_name
 
 # Keys of the MLflow Secret, read by MLflow's client from the environment; all optional, so one
 # Secret serves basic auth (username/password) and token auth alike.
@@ -68,7 +68,11 @@ class KubernetesLauncher(Launcher):
         self.master_port, self.shm_gb, self.apply = master_port, shm_gb, apply
 
     def names(self, run_name: str, stamp: str) -> tuple[str, str]:
-        name = dns_name(self.job_name or f"{run_name}-{stamp}")
+        if self.job_name:
+            name = dns_name(self.job_name)
+        else:  # the run name is cut, never the stamp: each submission stays a run of its own
+            suffix = dns_name(f"x-{stamp}").removeprefix("x-")
+            name = f"{dns_name(run_name, DNS_LIMIT - len(suffix) - 1)}-{suffix}"
         return name, name  # the object name is the run name: restarted pods find their run
 
     def filename(self, job: Job) -> str:

@@ -128,7 +128,10 @@ def user_overrides(overrides: list[str]) -> list[str]:
     return kept
 
 
-def dns_name(text: str, limit: int = 40) -> str:
+DNS_LIMIT = 40  # of the 63 a DNS-1123 label may have: room for the controllers' suffixes
+
+
+def dns_name(text: str, limit: int = DNS_LIMIT) -> str:
     """A DNS-1123 label (lowercase alphanumerics and '-') for Kubernetes object names; short,
     because controllers append suffixes (JobSet: -<job>-<index>-<pod>) within 63 characters."""
     name = re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")[:limit].rstrip("-")

@@ -142,6 +142,21 @@ def test_launcher_keys_stay_out_of_the_training_command() -> None:
     assert dns_name("42") == "ldm-42"
 
 
+@pytest.mark.parametrize("kind", ["k8s", "k8s_jobset", "k8s_job"])
+def test_long_run_names_keep_a_unique_job_name(kind: str) -> None:
+    """Two submissions of one long run name are two jobs and two runs: the run name is cut to
+    fit, never the time stamp (a shared name would make the second resume the first)."""
+    long_name = "a-very-long-experiment-name-for-the-laion-aesthetics-finetune"
+    launcher, _ = prepare([f"launcher={kind}", "+launcher.image=i", "launcher.check_paths=false",
+                           f"run_name={long_name}", *TRAIN])  # fmt: skip
+    first = launcher.names(long_name, "20261201-101500")
+    second = launcher.names(long_name, "20261201-101501")
+    assert first != second
+    for job, run in (first, second):
+        assert job == run and len(job) <= 40 and re.fullmatch(r"[a-z][a-z0-9-]*[a-z0-9]", job)
+    assert first[0].startswith("a-very-long") and first[0].endswith("-20261201-101500")
+
+
 def pod_specs(doc: dict) -> list[dict]:
     if doc["kind"] == "PyTorchJob":
         return [r["template"]["spec"] for r in doc["spec"]["pytorchReplicaSpecs"].values()]
