@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -98,3 +99,30 @@ def test_fresh_start_refuses_to_overwrite_an_existing_run(trained, compose, demo
     )
     with pytest.raises(ConfigError, match="ckpt_path=last"):
         run(cfg2)
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
+    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes())
+            for p in sorted(folder.rglob("*")) if p.is_file()}  # fmt: skip
+
+
+def test_a_refused_start_writes_nothing_into_the_run(demo_shards, tmp_path):
+    """`ldm-train` refused (a fresh start over a run's checkpoints) leaves every file of that
+    run as it was: Hydra's .hydra/*.yaml used to be rewritten before the check ran."""
+    from cli_runner import run_cli
+
+    from train.cli import main
+
+    argv = ["ldm-train", "experiment=tiny", f"data.urls={demo_shards}", "logger=none",
+            "trainer.max_steps=2"]  # fmt: skip
+    env = {**os.environ, "LDM_OUTPUT_DIR": str(tmp_path)}
+    assert run_cli(main, argv, env=env).returncode == 0
+    run_dir = tmp_path / "runs" / "tiny"
+    overrides = (run_dir / ".hydra" / "overrides.yaml").read_text()
+    assert "trainer.max_steps=2" in overrides and "seed=5" not in overrides
+    before = snapshot(run_dir)
+
+    refused = run_cli(main, [*argv, "seed=5"], env=env)
+    assert refused.returncode == 2
+    assert "already holds checkpoints" in refused.stderr and "ckpt_path=last" in refused.stderr
+    assert snapshot(run_dir) == before

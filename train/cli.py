@@ -75,10 +75,11 @@ def refuse_literal_secrets(args: Sequence[str]) -> None:
 
 def main() -> None:
     # Every process of a torchrun or srun job runs this entry point with the same overrides,
-    # hence the same run directory. Only rank 0 writes the run's .hydra metadata; the others
-    # log to their own file (as Lightning's own launcher arranges for the processes it starts).
+    # hence the same run directory. Only rank 0 writes the run's .hydra metadata
+    # (train.run_files.save_hydra_files); the others log to their own file (as Lightning's own
+    # launcher arranges for the processes it starts).
     refuse_literal_secrets(sys.argv[1:])
     rank = launched_rank()
-    if rank > 0 and not any(a.startswith("hydra.output_subdir") for a in sys.argv):
-        sys.argv += ["hydra.output_subdir=null", f"hydra.job.name=ldm-train-rank{rank}"]
+    if rank > 0 and not any(a.startswith("hydra.job.name") for a in sys.argv):
+        sys.argv += [f"hydra.job.name=ldm-train-rank{rank}"]
     _app()

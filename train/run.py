@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from train.callbacks import (
 from train.checkpoint_io import resolve_checkpoint
 from train.config_check import ConfigError, check_config
 from train.lineage import dataset_manifest, requirements
-from train.run_files import RUN_ID_FILE, check_fresh_start, checkpoint_dir
+from train.run_files import RUN_ID_FILE, check_fresh_start, checkpoint_dir, save_hydra_files
 from train.secrets import redact
 from train.tracking import (
     MLFLOW_RUN_ID_KEY,
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 def run(cfg: DictConfig) -> float | None:
     """Train as configured; returns `cfg.optimized_metric` (for sweeps) when set."""
     run_dir = Path(cfg.paths.run_dir)
+    composed = copy.deepcopy(cfg)  # as Hydra composed it, for .hydra/config.yaml
     check_config(cfg)
     ckpt_dir = checkpoint_dir(cfg)
     problem = check_fresh_start(run_dir, ckpt_dir, cfg.ckpt_path)
@@ -71,6 +73,7 @@ def run(cfg: DictConfig) -> float | None:
     log_params(loggers, resolved, resuming=ckpt_path is not None)
     remember_run_ids(trainer, run_dir)
     record_lineage(trainer, resolved, datamodule, run_dir)
+    save_hydra_files(composed)  # once the run's checks have passed
     if trainer.is_global_zero and cfg.ckpt_path == "last":
         print(f"Resuming from {ckpt_path}" if ckpt_path else "No checkpoint yet: fresh start",
               flush=True)  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -31,3 +32,27 @@ def check_fresh_start(run_dir: Path, ckpt_dir: Path | None, ckpt_path: str | Non
             "ckpt_path=last, or start a new one with run_name=<new name>"
         )
     return None
+
+
+def save_hydra_files(cfg: Any) -> None:
+    """What Hydra's `output_subdir` would write (config, hydra and overrides yaml in
+    `<run dir>/.hydra/`), but only once the checks have passed, and by the launching process
+    alone (not by ranks that torchrun, srun or Lightning's launcher start)."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    if not HydraConfig.initialized():  # run() called from Python, not through ldm-train
+        return
+    if int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0) > 0:
+        return
+    if int(os.environ.get("LOCAL_RANK") or 0) > 0:  # a rank Lightning's launcher started
+        return
+    hydra_cfg = HydraConfig.get()
+    folder = Path(hydra_cfg.runtime.output_dir) / ".hydra"
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {"config.yaml": cfg, "hydra.yaml": OmegaConf.create({"hydra": hydra_cfg}),
+             "overrides.yaml": OmegaConf.create(list(hydra_cfg.overrides.task))}  # fmt: skip
+    for name, content in files.items():
+        tmp = folder / f".{name}.tmp-{os.getpid()}"
+        OmegaConf.save(content, tmp)
+        os.replace(tmp, folder / name)
