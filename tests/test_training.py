@@ -60,11 +60,20 @@ def test_exported_unet_equals_checkpoint_weights(trained):
 
 
 def test_ldm_export_cli_reproduces_the_export(trained, tmp_path):
+    """`ldm-export CKPT` writes what the end of training wrote, every tensor of every part: the
+    frozen VAE built from config (random init in the tiny configs) included, twice over."""
     run_dir, _ = trained
-    out = export_checkpoint(run_dir / "checkpoints" / "last.ckpt", tmp_path / "again")
-    a = load_file(next((run_dir / "export" / "unet").glob("*.safetensors")))
-    b = load_file(next((out / "unet").glob("*.safetensors")))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    exports = [export_checkpoint(run_dir / "checkpoints" / "last.ckpt", tmp_path / f"again{i}")
+               for i in range(2)]  # fmt: skip
+    files = sorted(p.relative_to(run_dir / "export") for p in
+                   (run_dir / "export").rglob("*.safetensors"))  # fmt: skip
+    assert {f.parts[0] for f in files} == {"unet", "vae", "text_encoder"}
+    for out in exports:
+        assert sorted(p.relative_to(out) for p in out.rglob("*.safetensors")) == files
+        for f in files:
+            a, b = load_file(run_dir / "export" / f), load_file(out / f)
+            assert a.keys() == b.keys(), f
+            assert all(torch.equal(a[k], b[k]) for k in a), f
 
 
 def test_resume_from_last_continues_at_the_saved_step(trained, compose, demo_shards, tmp_path):

@@ -4,13 +4,24 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
+import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from train import config
 from train.ema import ema_from_checkpoint
 from train.sharding import load_any_checkpoint
+
+
+def build_module(model: Any, seed: int) -> Any:
+    """The LightningModule `model` (its config node) describes, built from a fixed RNG state:
+    frozen parts built from config (a random-init VAE, as the tiny configs use) are then the
+    same in training and in every later `ldm-export`, which rebuilds them instead of storing
+    them in checkpoints."""
+    torch.manual_seed(seed)
+    return instantiate(model)
 
 
 def module_from_checkpoint(path: str | Path, allow_pickle: bool = False):
@@ -23,7 +34,8 @@ def module_from_checkpoint(path: str | Path, allow_pickle: bool = False):
     if "ldm_config" not in ckpt:
         raise ValueError(f"{path} has no 'ldm_config': it was not written by ldm-train")
     config.register()
-    module = instantiate(OmegaConf.create(ckpt["ldm_config"]["model"]))
+    saved = ckpt["ldm_config"]
+    module = build_module(OmegaConf.create(saved["model"]), int(saved.get("seed") or 0))
     result = module.load_state_dict(ckpt["state_dict"], strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(

@@ -23,6 +23,7 @@ from train.callbacks import (
 )
 from train.checkpoint_io import resolve_checkpoint
 from train.config_check import ConfigError, check_config
+from train.export import build_module
 from train.lineage import dataset_manifest, requirements
 from train.run_files import RUN_ID_FILE, check_fresh_start, checkpoint_dir, save_hydra_files
 from train.secrets import redact
@@ -63,7 +64,7 @@ def run(cfg: DictConfig) -> float | None:
     )
     plan = apply_batch_plan(cfg, trainer)  # needs the world size, known once the Trainer is
     datamodule = instantiate(cfg.data)  # cheap, and fails fast on bad shard patterns
-    module = instantiate(cfg.model)
+    module = build_module(cfg.model, cfg.seed)
     check_resolution(datamodule, module)
     check_whole_weights(trainer, module)  # before Lightning starts the other ranks in fit()
     resolved = redact(OmegaConf.to_container(cfg, resolve=True))  # params, artifacts, ckpts
