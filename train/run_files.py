@@ -50,8 +50,9 @@ def save_hydra_files(cfg: Any) -> None:
     hydra_cfg = HydraConfig.get()
     folder = Path(hydra_cfg.runtime.output_dir) / ".hydra"
     folder.mkdir(parents=True, exist_ok=True)
+    # The nodes themselves, never resolved: `key=${oc.env:TOKEN}` overrides stay references.
     files = {"config.yaml": cfg, "hydra.yaml": OmegaConf.create({"hydra": hydra_cfg}),
-             "overrides.yaml": OmegaConf.create(list(hydra_cfg.overrides.task))}  # fmt: skip
+             "overrides.yaml": hydra_cfg.overrides.task}  # fmt: skip
     for name, content in files.items():
         tmp = folder / f".{name}.tmp-{os.getpid()}"
         OmegaConf.save(content, tmp)
