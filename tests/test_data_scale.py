@@ -41,9 +41,18 @@ def uneven(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(out / "uneven{0..6}-000000.tar")
 
 
-def _run(urls: str, out: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+# Two ranks start together under torchrun (Lightning's launcher would start rank 1 only once
+# rank 0 built its Trainer); the split is the same either way.
+TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+
+
+def _run(
+    urls: str, out: Path, *args: str, check: bool = True, ranks: int = 1
+) -> subprocess.CompletedProcess:
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, str(SCRIPT), urls, str(out), *args]
+    launcher = TORCHRUN if ranks == 2 else []
+    devices = ["--devices", str(ranks)] if ranks > 1 else []
+    cmd = [sys.executable, *launcher, str(SCRIPT), urls, str(out), *devices, *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -56,7 +65,7 @@ def _records(out: Path, rank: int = 0) -> list[dict]:
 
 
 def test_uneven_shards_two_ranks_two_workers(uneven: str, tmp_path: Path) -> None:
-    _run(uneven, tmp_path, "--devices", "2", "--workers", "2", "--epochs", "2")
+    _run(uneven, tmp_path, "--workers", "2", "--epochs", "2", ranks=2)
     ranks = [_records(tmp_path, r) for r in (0, 1)]
     # Every rank ran the same steps: 136 samples / 4 readers = 34 each -> 8 batches of 4 per
     # worker, 16 per rank per epoch.

@@ -23,6 +23,7 @@ from cli_runner import run_cli
 from mlflow import MlflowClient
 from mlflow_server import free_port
 
+from train.cli import main as train_main
 from train.config_check import ConfigError
 from train.mlflow_logger import ResilientMLFlowLogger
 from train.mlflow_spool import SPOOL_TAG, Spool
@@ -37,8 +38,8 @@ FAST_FAIL = {
 }
 
 
-def start_train(root: Path, shards: Path, uri: str, *overrides: str) -> subprocess.Popen:
-    """`ldm-train experiment=tiny` writing under `root`, output in `root/train.log`."""
+def train_command(root: Path, shards: Path, uri: str, *overrides: str):
+    """argv and environment of `ldm-train experiment=tiny` writing under `root`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env |= FAST_FAIL | {"LDM_OUTPUT_DIR": str(root), "OMP_NUM_THREADS": "1"}
     cmd = [
@@ -46,6 +47,13 @@ def start_train(root: Path, shards: Path, uri: str, *overrides: str) -> subproce
         f"trainer.max_steps={STEPS}", "trainer.log_every_n_steps=1",
         f"logger.mlflow.tracking_uri={uri}", *overrides,
     ]  # fmt: skip
+    return cmd, env
+
+
+def start_train(root: Path, shards: Path, uri: str, *overrides: str) -> subprocess.Popen:
+    """`ldm-train` in a process of its own (the server goes away while it runs), output in
+    `root/train.log`."""
+    cmd, env = train_command(root, shards, uri, *overrides)
     log = (root / "train.log").open("a")
     try:
         return subprocess.Popen(cmd, env=env, cwd=root, stdout=log, stderr=subprocess.STDOUT)
@@ -118,9 +126,10 @@ def test_server_absent_at_start_then_synced_then_resumed(tmp_path, demo_shards, 
     assert [r.info.run_id for r in client.search_runs([experiment.experiment_id])] == [run_id]
 
     # A resume (its run folder names the provisional id) logs into the server's run.
-    proc = start_train(tmp_path, demo_shards, mlflow_server.uri, "experiment_name=outage_start",
-                       "ckpt_path=last", f"trainer.max_steps={STEPS + 4}")  # fmt: skip
-    finish(proc, tmp_path)
+    cmd, env = train_command(tmp_path, demo_shards, mlflow_server.uri, "ckpt_path=last",
+                             "experiment_name=outage_start", f"trainer.max_steps={STEPS + 4}")
+    resumed = run_cli(train_main, cmd, env=env, cwd=tmp_path)  # nothing to kill: in this process
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert (run_dir / "mlflow_run_id").read_text().strip() == run_id
     assert steps(client, run_id) == dict.fromkeys(range(STEPS + 4), 1)
     assert client.get_run(run_id).data.tags["resume_command"]

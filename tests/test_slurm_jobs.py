@@ -71,7 +71,7 @@ def wait_for(path_glob: tuple[Path, str], timeout: float) -> None:
 def test_preempted_ddp_job_requeues_and_resumes_into_the_same_run(
     slurm, demo_shards: Path, tmp_path: Path
 ) -> None:
-    steps = 60
+    steps = 24  # USR1 comes a few steps after the step-4 checkpoint
     job_id = submit(
         slurm, tmp_path, *tiny(demo_shards, steps), "launcher.procs_per_node=2", "strategy=ddp",
         "batch.global_size=8", "callbacks.checkpoint.every_n_train_steps=4",

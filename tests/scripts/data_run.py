@@ -1,6 +1,7 @@
 """A Lightning run that records which sample keys every training step consumed.
 
-Run as a script (Lightning's DDP launcher re-executes it once per extra rank). Each rank appends
+Run as a script (under torchrun for several ranks, or Lightning's DDP launcher, which
+re-executes it once per extra rank). Each rank appends
 ``{"rank", "epoch", "step", "keys"}`` lines to ``OUT/keys-rank{R}.jsonl``, flushed per step so
 the record survives a SIGKILL. ``--kill-at-step`` SIGKILLs the process at that step.
 """
