@@ -43,10 +43,10 @@ def save_hydra_files(cfg: Any) -> None:
 
     if not HydraConfig.initialized():  # run() called from Python, not through ldm-train
         return
-    if int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0) > 0:
-        return
-    if int(os.environ.get("LOCAL_RANK") or 0) > 0:  # a rank Lightning's launcher started
-        return
+    from train.util import launched_rank
+
+    if launched_rank() > 0 or int(os.environ.get("LOCAL_RANK") or 0) > 0:
+        return  # LOCAL_RANK: a rank Lightning's launcher started
     hydra_cfg = HydraConfig.get()
     folder = Path(hydra_cfg.runtime.output_dir) / ".hydra"
     folder.mkdir(parents=True, exist_ok=True)

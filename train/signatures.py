@@ -79,7 +79,9 @@ def _provenance_of(top: str) -> str:
         return f"project@{max((f.stat().st_mtime_ns for f in files), default=0)}"
     # Most packages are their distribution's name (torch, lightning, diffusers): one metadata
     # read. Only the others (hydra -> hydra-core) need the map of every installed distribution.
-    for dist in (top, *_distributions().get(top, ())):
+    with contextlib.suppress(metadata.PackageNotFoundError):
+        return f"{top}=={metadata.version(top)}"
+    for dist in _distributions().get(top, ()):
         with contextlib.suppress(metadata.PackageNotFoundError):
             return f"{dist}=={metadata.version(dist)}"
     return "unknown"
