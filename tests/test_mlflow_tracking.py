@@ -61,14 +61,28 @@ def tracked(request, tmp_path_factory, demo_shards):
 
 
 @pytest.fixture(scope="module")
-def resumed(tracked):
-    """The same run resumed from last.ckpt up to step 6."""
+def resumed(tracked, tmp_path_factory):
+    """The same run resumed from last.ckpt up to step 6; with the files of registered version 1
+    as they were before the resume (name -> SHA-256)."""
     cfg, client, run_id, common = tracked
+    before = version_files(client, f"ldm-{cfg.experiment_name}", "1", tmp_path_factory)
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         cfg2 = compose_at(Path(cfg.paths.root), *common, "ckpt_path=last", "trainer.max_steps=6")
         run(cfg2)
-    return cfg2
+    return cfg2, before
+
+
+def version_files(client: MlflowClient, name: str, version: str, tmp_factory) -> dict[str, str]:
+    """What registered model version `version` serves, downloaded through the registry."""
+    import mlflow.artifacts
+
+    uri = client.get_model_version_download_uri(name, version)
+    local = Path(mlflow.artifacts.download_artifacts(
+        artifact_uri=uri, dst_path=str(tmp_factory.mktemp("version")),
+        tracking_uri=client.tracking_uri))  # fmt: skip
+    return {str(f.relative_to(local)): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(local.rglob("*")) if f.is_file()}  # fmt: skip
 
 
 def history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -181,8 +195,8 @@ def test_export_is_a_registered_model_version_linked_to_the_run(tracked):
     cfg, client, run_id, _ = tracked
     (version,) = client.search_model_versions(f"name='ldm-{cfg.experiment_name}'")
     assert version.run_id == run_id
-    assert version.source == f"runs:/{run_id}/export"
-    assert version.tags["format"] == "diffusers"
+    assert version.source == f"runs:/{run_id}/export/step_{MAX_STEPS:07d}"
+    assert version.tags["format"] == "diffusers" and version.tags["step"] == str(MAX_STEPS)
 
 
 def test_checkpoint_paths_are_tags_and_the_run_id_is_in_the_checkpoint(tracked):
@@ -198,12 +212,13 @@ def test_checkpoint_paths_are_tags_and_the_run_id_is_in_the_checkpoint(tracked):
 
 def test_export_and_final_samples_are_artifacts(tracked, tmp_path):
     cfg, client, run_id, _ = tracked
-    exported = {a.path for a in client.list_artifacts(run_id, "export")}
-    assert "export/model_index.json" in exported
-    assert {"export/unet", "export/vae", "export/text_encoder"} <= exported
+    step = f"export/step_{MAX_STEPS:07d}"
+    exported = {a.path for a in client.list_artifacts(run_id, step)}
+    assert f"{step}/model_index.json" in exported
+    assert {f"{step}/unet", f"{step}/vae", f"{step}/text_encoder"} <= exported
     assert "samples/final.png" in {a.path for a in client.list_artifacts(run_id, "samples")}
 
-    local = client.download_artifacts(run_id, "export/model_index.json", str(tmp_path))
+    local = client.download_artifacts(run_id, f"{step}/model_index.json", str(tmp_path))
     logged = json.loads(Path(local).read_text())
     written = json.loads((Path(cfg.paths.run_dir) / "export" / "model_index.json").read_text())
     assert logged == written
@@ -212,6 +227,7 @@ def test_export_and_final_samples_are_artifacts(tracked, tmp_path):
 
 def test_resume_logs_into_the_same_run(tracked, resumed):
     cfg, client, run_id, _ = tracked
+    resumed, _ = resumed
     experiment = client.get_experiment_by_name(cfg.experiment_name)
     runs = client.search_runs([experiment.experiment_id])
     assert [r.info.run_id for r in runs] == [run_id]
@@ -244,3 +260,21 @@ def test_checkpoint_uploads_policy_all_goes_through_the_spool(mlflow_server, dem
     got = client.download_artifacts(run_id, "step_0000004/step_0000004.ckpt", str(tmp_path))
     assert torch.load(got, weights_only=True)["global_step"] == 4
     assert not any((Path(cfg.paths.run_dir) / "mlflow_spool").glob("artifacts/*/*"))
+
+
+def test_a_resumed_run_registers_a_new_version_and_leaves_the_old_one_as_it_was(
+    tracked, resumed, tmp_path_factory
+):
+    cfg, client, run_id, _ = tracked
+    _, before = resumed
+    name = f"ldm-{cfg.experiment_name}"
+    versions = sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
+    assert [(str(v.version), v.source) for v in versions] == [
+        ("1", f"runs:/{run_id}/export/step_{MAX_STEPS:07d}"),
+        ("2", f"runs:/{run_id}/export/step_0000006"),
+    ]
+    assert any(k.startswith("unet/") and k.endswith(".safetensors") for k in before)
+    assert version_files(client, name, "1", tmp_path_factory) == before  # bit for bit
+    second = version_files(client, name, "2", tmp_path_factory)
+    unet = next(k for k in before if k.startswith("unet/") and k.endswith(".safetensors"))
+    assert second[unet] != before[unet]  # version 2 serves the weights trained further

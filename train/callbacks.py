@@ -16,7 +16,13 @@ from train.ema import EMA
 from train.guards import TrainingDiverged, weights_finite
 from train.preemption import preempted
 from train.sharding import full_state_dict, is_sharded
-from train.tracking import MLFLOW_RUN_ID_KEY, log_artifact, mlflow_loggers, register_export
+from train.tracking import (
+    MLFLOW_RUN_ID_KEY,
+    log_artifact,
+    mlflow_loggers,
+    register_export,
+    registered_version,
+)
 
 
 class GradNormMonitor(L.Callback):
@@ -147,9 +153,14 @@ class ExportOnTrainEnd(L.Callback):
             return
         self.path = pl_module.export(Path(trainer.default_root_dir) / self.dirname, **extra)
         if self.log_to_mlflow:
-            log_artifact(trainer, self.path, self.dirname)
+            # One artifact path per training end: a resumed run uploads beside, never over, the
+            # export an earlier registered version points at (registered versions are immutable).
+            artifact = f"{self.dirname}/step_{trainer.global_step:07d}"
+            if self.register_as and registered_version(trainer, self.register_as, artifact):
+                return  # this very export (same run, same step) is logged and registered
+            log_artifact(trainer, self.path, artifact)
             if self.register_as:
-                register_export(trainer, self.register_as, self.dirname)
+                register_export(trainer, self.register_as, artifact)
 
 
 def check_whole_weights(trainer: L.Trainer, pl_module: L.LightningModule) -> None:

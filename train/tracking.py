@@ -78,6 +78,23 @@ def log_text(trainer: L.Trainer, text: str, path: Path, artifact_path: str) -> N
     log_artifact(trainer, path, artifact_path)
 
 
+def registered_version(trainer: L.Trainer, name: str, artifact_path: str) -> str | None:
+    """The version of registered model `name` made from this run's `artifact_path`, if any (a
+    run resumed past its end exports the same step again). None when the tracker cannot say."""
+    for logger in mlflow_loggers(trainer):
+        source = f"runs:/{logger.run_id}/{artifact_path}"
+        try:
+            versions = logger.experiment.search_model_versions(f"name='{name}'")
+        except (MlflowException, OSError):
+            return None
+        for version in versions:
+            if version.source == source:
+                print(f"Export of step {trainer.global_step} is already model {name!r} version "
+                      f"{version.version}: nothing uploaded or registered again")  # fmt: skip
+                return str(version.version)
+    return None
+
+
 def register_export(trainer: L.Trainer, name: str, artifact_path: str) -> None:
     """Register the logged export folder as a new version of the registered model `name`, linked
     to its run. A tracker that refuses (or is away) costs a warning, never the finished run."""
@@ -93,7 +110,8 @@ def register_export(trainer: L.Trainer, name: str, artifact_path: str) -> None:
                 name,
                 source=f"runs:/{run_id}/{artifact_path}",
                 run_id=run_id,
-                tags={"format": "diffusers", "run_name": str(logger._run_name)},
+                tags={"format": "diffusers", "run_name": str(logger._run_name),
+                      "step": str(trainer.global_step)},  # fmt: skip
                 description=f"diffusers folder exported by run {run_id}",
             )
             print(f"Registered model {name!r} version {version.version} (run {run_id})")
