@@ -79,17 +79,35 @@ class StatefulLoader(DataLoader):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        mine = self.state_dict()
-        for key in ("num_workers", "world_size", "num_shards", "seed", "batch_size"):
-            if key in state and state[key] != mine[key]:
-                raise ValueError(
-                    f"cannot resume the data position exactly: the checkpoint was written with "
-                    f"{key}={state[key]} and this run has {key}={mine[key]}; set the same value "
-                    "(data.num_workers, trainer devices/nodes, data.urls, seed, data.batch_size)"
-                )
+        problem = position_mismatch(state, self.state_dict())
+        if problem:
+            raise ValueError(problem)
         consumed = int(state["consumed"])
         epoch = int(state["epoch"])
         if consumed >= len(self.stream):  # saved at the end of an epoch: start the next one
             epoch, consumed = epoch + 1, 0
         self._resume = {"epoch": epoch, "consumed": consumed}
         self._epoch, self._consumed = epoch, consumed
+
+
+# What a saved data position depends on, and the setting that decides each.
+POSITION_SETTINGS = {
+    "num_workers": "data.num_workers",
+    "world_size": "trainer.devices x trainer.num_nodes",
+    "num_shards": "data.urls",
+    "seed": "seed",
+    "batch_size": "data.batch_size (per device, derived from batch.global_size when set)",
+}
+
+
+def position_mismatch(saved: dict[str, Any], mine: dict[str, Any]) -> str | None:
+    """Why a data position saved as `saved` cannot be resumed exactly by a loader whose
+    `state_dict()` is `mine` (only keys both have are compared), or None."""
+    for key, setting in POSITION_SETTINGS.items():
+        if key in saved and key in mine and saved[key] != mine[key]:
+            return (
+                f"cannot resume the data position exactly: the checkpoint was written with "
+                f"{key}={saved[key]} and this run has {key}={mine[key]}; set the same value "
+                f"({setting}) or start a new run with run_name=<new name>"
+            )
+    return None

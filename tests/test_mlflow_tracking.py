@@ -278,3 +278,26 @@ def test_a_resumed_run_registers_a_new_version_and_leaves_the_old_one_as_it_was(
     second = version_files(client, name, "2", tmp_path_factory)
     unet = next(k for k in before if k.startswith("unet/") and k.endswith(".safetensors"))
     assert second[unet] != before[unet]  # version 2 serves the weights trained further
+
+
+def test_a_refused_resume_leaves_the_run_and_its_mlflow_record_as_they_were(tracked, resumed):
+    """A resume with another batch size cannot continue the data position exactly: it is
+    refused before the MLflow run is touched (status, tags, metrics) or any file is written."""
+    from train.config_check import ConfigError
+
+    cfg, client, run_id, common = tracked
+    before = client.get_run(run_id)
+    run_dir = Path(cfg.paths.run_dir)
+    files = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        cfg3 = compose_at(Path(cfg.paths.root), *common, "ckpt_path=last", "trainer.max_steps=8",
+                          "data.batch_size=2")  # fmt: skip
+        with pytest.raises(ConfigError, match="batch_size=4 and this run has batch_size=2"):
+            run(cfg3)
+    after = client.get_run(run_id)
+    assert after.info.status == before.info.status == "FINISHED"
+    assert after.info.end_time == before.info.end_time
+    assert after.data.tags == before.data.tags  # resume_command included
+    assert after.data.metrics == before.data.metrics
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == files

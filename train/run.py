@@ -25,6 +25,7 @@ from train.checkpoint_io import resolve_checkpoint
 from train.config_check import ConfigError, check_config
 from train.export import build_module
 from train.lineage import dataset_manifest, requirements
+from train.resume_check import check_resume_data
 from train.run_files import RUN_ID_FILE, check_fresh_start, checkpoint_dir, save_hydra_files
 from train.secrets import redact
 from train.tracking import (
@@ -64,6 +65,7 @@ def run(cfg: DictConfig) -> float | None:
     )
     plan = apply_batch_plan(cfg, trainer)  # needs the world size, known once the Trainer is
     datamodule = instantiate(cfg.data)  # cheap, and fails fast on bad shard patterns
+    check_resume_data(ckpt_path, datamodule, trainer.world_size)  # before any MLflow write
     module = build_module(cfg.model, cfg.seed)
     check_resolution(datamodule, module)
     check_whole_weights(trainer, module)  # before Lightning starts the other ranks in fit()
