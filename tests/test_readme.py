@@ -1,0 +1,180 @@
+"""The README's shell examples, run through bash: every `ldm-train`, `ldm-submit` and `ldm-data`
+line of its ```bash blocks must parse as the user would paste it, and a brace pattern must reach
+the config unchanged (bash strips one level of quotes; Hydra's parser rejects a bare `{`).
+
+bash does the word splitting (quotes, `\\` continuations, `$USER`): the three commands are shell
+functions that hand back the argv bash built, and the real entry points run on it in the test
+process with a suffix that composes without training (`ldm-train --cfg job`, `ldm-submit
+--dry-run`). A fresh process per line would add 8-10 s of imports each and prove nothing more:
+the process boundary is not the subject, the shell's quoting is."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from cli_runner import run_cli
+from PIL import Image
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+PROGRAMS = ("ldm-train", "ldm-submit", "ldm-data")
+# Lines not run here, by how they start, and why. A new README command that is neither one of
+# PROGRAMS nor listed here fails test_every_readme_command_is_run_or_listed: classify it.
+NOT_RUN = {
+    "make demo": "the demo itself: sets up .venv and trains both stages (minutes)",
+    "make test": "the suite itself",
+    "torchrun --nnodes=2": "two nodes and a rendezvous host",
+    "srun --nodes=2": "a SLURM allocation (tests/test_slurm_jobs.py runs srun on a local cluster)",
+    "export SLURM_CONF=": "the local cluster's config: only the cluster commands below read it",
+    "squeue; scancel": "a running job on the local cluster (tests/test_slurm_jobs.py)",
+    "sacct -j": "a finished job on the local cluster (tests/test_slurm_jobs.py)",
+    "python -m jobs.slurm_local down": "stops a local cluster this test never starts",
+    "ldm-export outputs/runs/demo/": "a trained checkpoint (tests/test_sampling_cli.py)",
+    "ldm-sample /tmp/my-export": "an export (tests/test_sampling_cli.py)",
+}
+# Placeholders made real for this machine (applied to the line before bash reads it).
+SUBSTITUTE = {
+    "/tmp/shapes": "{tmp}/shapes",  # the local-cluster walk-through writes and submits these
+    "--samples-per-shard 1000": "--samples-per-shard 1",  # 10 photos -> the 10 shards inspected
+    "--workers 8": "--workers 1",  # two cores here
+}
+# `ldm-submit` lines whose data lives on the cluster: the login-node path check is turned off.
+CLUSTER_PATHS = ("/lustre/",)
+BRACE = re.compile(r"/[^\s'\"]*\{\d+\.\.\d+\}[^\s'\"]*")
+
+
+def command_lines(text: str) -> list[str]:
+    """The command lines of the ```bash blocks, continuations joined, comments dropped."""
+    lines = []
+    for block in re.findall(r"^```bash\n(.*?)^```", text, flags=re.M | re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            if line.strip() and not line.lstrip().startswith("#"):
+                lines.append(" ".join(line.split()))
+    return lines
+
+
+def bash_argv(line: str) -> list[str]:
+    """What bash passes to the command `line` runs (the commands are functions printing it)."""
+    dump = "".join(f'{p}() {{ printf "%s\\0" {p} "$@"; }}; ' for p in PROGRAMS)
+    out = subprocess.run(["bash", "-c", dump + line], capture_output=True, text=True, check=True)
+    return out.stdout.split("\0")[:-1]
+
+
+def parsed_value(override: str) -> object:
+    """The value Hydra's override parser reads from `override` (as `ldm-train` would)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create().parse_overrides([override])[0].value()
+
+
+def job_arguments(job: str) -> list[str]:
+    """The training arguments of a rendered job: sbatch script words (as bash splits them) or
+    the strings of a Kubernetes manifest (containers exec their command without a shell)."""
+    if job.startswith("#!"):
+        return shlex.split(job.replace("\\\n", " "), comments=True)
+    found: list[str] = []
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            node = list(node.values())
+        if isinstance(node, list):
+            for item in node:
+                walk(item)
+        elif isinstance(node, str):
+            found.append(node)
+
+    for doc in yaml.safe_load_all(job):
+        walk(doc)
+    return found
+
+
+def run_train(argv: list[str]) -> dict:
+    from train.cli import main
+
+    # Hydra refuses --cfg with --multirun; the sweep's job config composes the same without it.
+    args = [a for a in argv[1:] if a not in ("-m", "...")]  # `...`: "and your other overrides"
+    proc = run_cli(main, ["ldm-train", *args, "--cfg", "job"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return yaml.safe_load(proc.stdout)
+
+
+def run_data(argv: list[str]) -> dict | None:
+    from data.cli import build_parser, main
+
+    if argv[1] == "encode":  # its overrides are ldm-train's: composed before any model loads
+        from train.cli import compose
+
+        from omegaconf import OmegaConf
+
+        cfg = compose(build_parser().parse_args(argv[1:]).overrides)
+        return OmegaConf.to_container(cfg)
+    proc = run_cli(lambda: sys.exit(main(argv[1:])), argv)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return None
+
+
+def run_submit(argv: list[str], line: str) -> list[str]:
+    from jobs.submit import cli
+
+    extra = ["launcher.check_paths=false"] if any(p in line for p in CLUSTER_PATHS) else []
+    dry = [] if "--dry-run" in argv else ["--dry-run"]
+    # Before the user's words: argparse takes no overrides after the README's `--dry-run`.
+    proc = run_cli(cli, [argv[0], *extra, *argv[1:], *dry])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return job_arguments(proc.stdout)
+
+
+@pytest.fixture
+def photos(tmp_path: Path) -> Path:
+    """`photos/` for the data-tools block: 10 captioned images."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(10):
+        Image.new("RGB", (8, 8), (25 * i, 0, 0)).save(folder / f"p{i}.png")
+        (folder / f"p{i}.txt").write_text(f"photo number {i}")
+    return folder
+
+
+def test_every_readme_command_is_run_or_listed() -> None:
+    lines = command_lines(README.read_text())
+    listed = {start for start in NOT_RUN for line in lines if line.startswith(start)}
+    unclassified = [
+        line for line in lines
+        if not line.startswith(PROGRAMS) and not any(line.startswith(s) for s in NOT_RUN)
+    ]  # fmt: skip
+    assert unclassified == [], "README commands neither run here nor listed in NOT_RUN"
+    assert listed == set(NOT_RUN), "NOT_RUN names lines the README no longer has"
+
+
+def test_readme_commands_parse_in_bash_and_keep_brace_patterns(
+    tmp_path: Path, photos: Path, monkeypatch
+) -> None:
+    """In README order, in a folder with the photos the data-tools block reads: each line exits
+    0, and every brace pattern it gives reaches the config (or the rendered job) unchanged."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LDM_OUTPUT_DIR", str(tmp_path / "outputs"))
+    ran = []
+    for line in command_lines(README.read_text()):
+        if not line.startswith(PROGRAMS):
+            continue
+        for old, new in SUBSTITUTE.items():
+            line = line.replace(old, new.format(tmp=tmp_path))
+        argv = bash_argv(line)
+        patterns = BRACE.findall(line) if "data.urls" in line else []
+        if argv[0] == "ldm-train" or argv[1] == "encode":
+            cfg = run_train(argv) if argv[0] == "ldm-train" else run_data(argv)
+            assert [cfg["data"]["urls"]] == patterns or not patterns, line
+        elif argv[0] == "ldm-submit":
+            urls = [a for a in run_submit(argv, line) if a.startswith("data.urls=")]
+            # every pod or task gets it (a PyTorchJob: the master's and the workers' command)
+            assert {parsed_value(a) for a in urls} == set(patterns) or not patterns, line
+        else:
+            run_data(argv)
+        ran.append((argv[0], argv[1].split("=")[0]))
+    assert len(ran) >= 12, ran  # the README's commands, not a parse that found none
+    assert (tmp_path / "shards" / "shard-000009.tar").is_file()  # from-folder wrote what was read
