@@ -107,9 +107,9 @@ def run_data(argv: list[str]) -> dict | None:
     from data.cli import build_parser, main
 
     if argv[1] == "encode":  # its overrides are ldm-train's: composed before any model loads
-        from train.cli import compose
-
         from omegaconf import OmegaConf
+
+        from train.cli import compose
 
         cfg = compose(build_parser().parse_args(argv[1:]).overrides)
         return OmegaConf.to_container(cfg)
