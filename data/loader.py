@@ -8,6 +8,7 @@ so the position counts batches *consumed* (``mark_consumed``, called by the data
 
 from __future__ import annotations
 
+import signal
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -40,6 +41,7 @@ class StatefulLoader(DataLoader):
             # Workers are started per epoch so they receive the epoch and start position.
             persistent_workers=False,
             prefetch_factor=prefetch_factor if num_workers > 0 else None,
+            worker_init_fn=ignore_terminate,
         )
         self.stream = stream
         self.epoch_fn = epoch_fn
@@ -88,6 +90,14 @@ class StatefulLoader(DataLoader):
             epoch, consumed = epoch + 1, 0
         self._resume = {"epoch": epoch, "consumed": consumed}
         self._epoch, self._consumed = epoch, consumed
+
+
+def ignore_terminate(worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM: a stop signal sent to the process group (Kubernetes,
+    `docker stop`) would otherwise kill them and the step with them, before the training process
+    saves its checkpoint (train.preemption.CheckpointOnTerminate). Workers still end with their
+    parent: the loader shuts them down, and they exit when the parent is gone."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 # What a saved data position depends on, and the setting that decides each.

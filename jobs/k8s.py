@@ -49,6 +49,7 @@ class KubernetesLauncher(Launcher):
         max_restarts: int = 3,
         master_port: int = 29500,
         shm_gb: int = 8,
+        grace_seconds: int = 120,
         apply: bool = True,
         **resources,
     ) -> None:
@@ -66,6 +67,10 @@ class KubernetesLauncher(Launcher):
         self.secret_env = dict(secret_env or {})  # ENV -> "secret" or "secret/key"
         self.run_as_user, self.max_restarts = run_as_user, max_restarts
         self.master_port, self.shm_gb, self.apply = master_port, shm_gb, apply
+        # Between the SIGTERM that stops a pod and the SIGKILL: time to finish the step and
+        # write its checkpoint (train.preemption.CheckpointOnTerminate). Kubernetes' default
+        # of 30 s is short for a multi-GB sharded checkpoint.
+        self.grace_seconds = grace_seconds
 
     def names(self, run_name: str, stamp: str) -> tuple[str, str]:
         if self.job_name:
@@ -150,6 +155,7 @@ class KubernetesLauncher(Launcher):
     def pod_template(self, job: Job, restart_policy: str, **extra: Any) -> dict[str, Any]:
         spec: dict[str, Any] = {
             "restartPolicy": restart_policy,
+            "terminationGracePeriodSeconds": self.grace_seconds,
             **extra,
             "securityContext": {
                 "runAsNonRoot": True,

@@ -172,21 +172,15 @@ def kubelet_expand(args: list[str], env: dict[str, str]) -> list[str]:
     return [re.sub(r"\$\((\w+)\)", lambda m: env.get(m[1], m[0]), a) for a in args]
 
 
-@pytest.mark.slow
-def test_the_pods_torchrun_command_trains_two_processes_and_resumes_after_a_kill(
-    demo_shards: Path, tmp_path: Path
-) -> None:
-    """The PyTorchJob's container command, with the env the operator gives the master pod
-    (RANK=0, MASTER_ADDR/PORT), runs here: torchrun starts 2 CPU processes that train DDP.
-    Killed mid-run and started again unchanged (what the pod's restart policy does), it
-    resumes from its last checkpoint into the same run folder and MLflow run."""
-    port, steps = free_port(), 16  # the kill comes within a step or two of step 4
+def master_pod(root: Path, shards: Path, name: str, steps: int, *overrides: str):
+    """The PyTorchJob master pod's container command for a 2-process CPU DDP run of `steps`
+    steps, expanded with the env the operator gives that pod, and the env to run it in."""
+    port = free_port()
     launcher, job = prepare([
         "launcher=k8s", "+launcher.image=i", "launcher.gpus_per_node=0",
-        "launcher.procs_per_node=2", f"launcher.output_dir={tmp_path}", "launcher.job_name=pod",
-        f"launcher.master_port={port}", "experiment=tiny", f"data.urls={demo_shards}",
-        "batch.global_size=8", "strategy=ddp", f"trainer.max_steps={steps}",
-        "callbacks.checkpoint.every_n_train_steps=4",
+        "launcher.procs_per_node=2", f"launcher.output_dir={root}", f"launcher.job_name={name}",
+        f"launcher.master_port={port}", "experiment=tiny", f"data.urls={shards}",
+        "batch.global_size=8", "strategy=ddp", f"trainer.max_steps={steps}", *overrides,
     ])  # fmt: skip
     (doc,) = yaml.safe_load_all(launcher.render(job))
     (pod,) = pod_specs(doc)
@@ -194,32 +188,68 @@ def test_the_pods_torchrun_command_trains_two_processes_and_resumes_after_a_kill
     command = kubelet_expand(pod["containers"][0]["command"], operator_env)
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env |= operator_env | {"PATH": f"{BIN}:{env['PATH']}", "OMP_NUM_THREADS": "1"}
-    run = tmp_path / "runs" / "pod"
+    return command, env
 
-    first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+
+def loss_steps(root: Path, experiment: str = "tiny") -> tuple[list[int], str]:
+    """The steps of the one MLflow run's train/loss history (in step order), and its status."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root}/mlflow.db")
+    (mlrun,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    history = client.get_metric_history(mlrun.info.run_id, "train/loss")
+    return sorted(m.step for m in history), mlrun.info.status
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_pods_processes_checkpoints_and_the_restart_continues_from_there(
+    demo_shards: Path, tmp_path: Path
+) -> None:
+    """Kubernetes stops a pod (drain, preemption, eviction) with SIGTERM to every process in
+    the container, torchrun, its ranks and their DataLoader workers alike, then SIGKILL after
+    the grace period. The ranks checkpoint at the next step boundary and exit 143; the restarted
+    pod resumes from that step into the same run folder and MLflow run: every step is in the
+    run's loss history exactly once. (A SIGKILL, where no handler runs, resumes from the newest
+    periodic checkpoint: tests/faults.)"""
+    steps = 10
+    command, env = master_pod(tmp_path, demo_shards, "term", steps,
+                              "callbacks.checkpoint.every_n_train_steps=1000",  # none periodic
+                              "data.num_workers=1",  # workers get the group's SIGTERM too
+                              "callbacks.samples.every_n_steps=4",
+                              "callbacks.samples.num_inference_steps=1")  # fmt: skip
+    run = tmp_path / "runs" / "term"
+    first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, start_new_session=True)  # fmt: skip
     try:
         deadline = time.monotonic() + 300
-        while not (run / "checkpoints" / "last.ckpt").exists() and first.poll() is None:
-            assert time.monotonic() < deadline, "no checkpoint after 300 s"
-            time.sleep(0.2)
+        while not (run / "samples" / "step_0000004.png").exists() and first.poll() is None:
+            assert time.monotonic() < deadline, "no step 4 preview after 300 s"
+            time.sleep(0.1)
+        os.killpg(first.pid, signal.SIGTERM)  # what the container runtime sends
+        out, _ = first.communicate(timeout=120)  # well within the default 30 s grace + a start
     finally:
-        os.killpg(first.pid, signal.SIGKILL)  # the node goes away: no handler runs
-        first.wait()
-    killed_at = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
-    assert 0 < killed_at < steps
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    assert first.returncode != 0, out[-3000:]  # a pod that exits 0 would count as completed
+    assert "DataLoader worker" not in out, out[-3000:]
+    saved = torch.load(run / "hpc_ckpt_1.ckpt", weights_only=True)["global_step"]
+    assert 4 <= saved < steps, out[-3000:]
+    assert f"SIGTERM received: saved {run / 'hpc_ckpt_1.ckpt'} at step {saved}" in out
+    assert not (run / "export").exists()  # the resumed run exports at its real end
+    logged, status = loss_steps(tmp_path)
+    assert logged == list(range(saved)) and status == "KILLED"
+
+    kept = {str(p): torch.load(p, weights_only=True)["global_step"]
+            for p in [run / "hpc_ckpt_1.ckpt", *run.glob("checkpoints/*.ckpt")]}  # fmt: skip
 
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-5000:]
     assert "global batch 8 = 4 per device x 2 devices x 1 accumulation steps" in out
-    assert f"Resuming from {run / 'checkpoints' / 'last.ckpt'}" in out
+    resumed_from = re.search(r"Resuming from (\S+)", out)
+    assert resumed_from and kept.get(resumed_from[1]) == saved, out[-3000:]
     assert (run / "export" / "model_index.json").is_file()
     assert (run / "ldm-train-rank1.log").is_file()  # two ranks, one run folder
-
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
-    (mlrun,) = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
-    logged = {m.step for m in client.get_metric_history(mlrun.info.run_id, "train/loss")}
-    assert logged == set(range(steps))  # steps after the checkpoint are logged again
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == steps
+    logged, status = loss_steps(tmp_path)
+    assert logged == list(range(steps)) and status == "FINISHED"  # each step exactly once

@@ -1,4 +1,5 @@
-"""Preemption on SLURM: checkpoint at a step boundary on the warning signal, requeue, resume.
+"""Preemption: checkpoint at a step boundary on SLURM's warning signal (then requeue) or on
+SIGTERM (then exit 143), and resume from it.
 
 `sbatch --requeue --signal=USR1@<seconds>` warns the job's steps before the time limit or a
 preemption. Lightning's own SLURM handler saves its checkpoint *inside* the signal handler, i.e.
@@ -74,9 +75,87 @@ class RequeueOnSignal(Checkpoint):
             self.received = False  # not requeueable: keep training, the checkpoint stays
 
 
+class CheckpointOnTerminate(Checkpoint):
+    """SIGTERM, the way Kubernetes (node drain, preemption, eviction), `docker stop` and
+    `scancel` stop a job, with a grace period before SIGKILL: checkpoint at the next step
+    boundary, stop without exporting, and let the entry point exit with 143 (128 + SIGTERM,
+    so a Job counts the pod as failed and restarts it, and `ckpt_path=last` resumes there).
+
+    Lightning's own SIGTERM handler is replaced for the training loop: it broadcasts from inside
+    the handler (wherever each rank is, between two collectives of the step) and then stops
+    without saving. DataLoader workers ignore the signal (`data.loader.ignore_terminate`): the
+    process group's SIGTERM reaches them too, and their death would end the run with an error.
+    """
+
+    def __init__(self, signal_name: str = "SIGTERM") -> None:
+        self.signum = signal.Signals[signal_name]
+        self.received = False
+        self.stopped_at: int | None = None
+        self.path: Path | None = None
+        self._previous = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # After Lightning's signal connector has installed its handler (it restores the ones
+        # from before fit in its teardown).
+        connector = trainer._signal_connector
+        self.received = self.received or connector.received_sigterm
+        connector.received_sigterm = False
+        self._previous = signal.signal(self.signum, self._on_signal)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._previous is not None:
+            signal.signal(self.signum, self._previous)
+            self._previous = None
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.received = True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.stopped_at is not None:
+            return
+        if not trainer.strategy.reduce_boolean_decision(self.received, all=False):
+            return
+        self.path = save_hpc_checkpoint(trainer)
+        self.stopped_at = trainer.global_step
+        trainer.should_stop = True
+        if trainer.is_global_zero:
+            print(f"{self.signum.name} received: saved {self.path} at step {self.stopped_at}; "
+                  "stopping (resume with ckpt_path=last)", flush=True)  # fmt: skip
+
+
+class Terminated(RuntimeError):
+    """The run was stopped by a termination signal after saving a checkpoint."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum  # what a shell reports for a process the signal ended
+
+
+def terminated(trainer: L.Trainer) -> CheckpointOnTerminate | None:
+    stopped = [c for c in trainer.callbacks if isinstance(c, CheckpointOnTerminate)]
+    return next((c for c in stopped if c.stopped_at is not None), None)
+
+
 def preempted(trainer: L.Trainer) -> bool:
-    """True once this run has checkpointed and requeued itself (skip end-of-run exports)."""
-    return any(isinstance(cb, RequeueOnSignal) and cb.requeued for cb in trainer.callbacks)
+    """True once this run has checkpointed to stop (requeued, or terminated): the end-of-run
+    exports and previews are skipped, as the resumed run writes them at its real end."""
+    requeued = any(isinstance(cb, RequeueOnSignal) and cb.requeued for cb in trainer.callbacks)
+    return requeued or terminated(trainer) is not None
+
+
+def raise_if_terminated(trainer: L.Trainer) -> None:
+    """After `fit`: a terminated run's MLflow run is KILLED (not FINISHED), and the entry point
+    learns that it must exit with 128 + the signal."""
+    cb = terminated(trainer)
+    if cb is None:
+        return
+    if trainer.is_global_zero:
+        from train.tracking import mlflow_loggers
+
+        for logger in mlflow_loggers(trainer):
+            logger.experiment.set_terminated(logger.run_id, "KILLED")
+    raise Terminated(f"stopped by {cb.signum.name} at step {cb.stopped_at}; saved {cb.path}; "
+                     "resume with ckpt_path=last", int(cb.signum))  # fmt: skip
 
 
 def save_hpc_checkpoint(trainer: L.Trainer) -> Path:

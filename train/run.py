@@ -25,6 +25,7 @@ from train.checkpoint_io import resolve_checkpoint
 from train.config_check import ConfigError, check_config
 from train.export import build_module
 from train.lineage import dataset_manifest, requirements
+from train.preemption import raise_if_terminated
 from train.resume_check import check_resume_data
 from train.run_files import RUN_ID_FILE, check_fresh_start, checkpoint_dir, save_hydra_files
 from train.secrets import redact
@@ -85,6 +86,7 @@ def run(cfg: DictConfig) -> float | None:
 
     if trainer.is_global_zero:
         print("\n".join(summary(trainer, run_dir)), flush=True)
+    raise_if_terminated(trainer)
     metric = cfg.get("optimized_metric")
     if metric and metric in trainer.callback_metrics:
         return float(trainer.callback_metrics[metric])
@@ -121,13 +123,17 @@ def apply_batch_plan(cfg: DictConfig, trainer: L.Trainer) -> BatchPlan:
 
 
 def check_resolution(datamodule: Any, module: Any) -> None:
-    want = getattr(module, "resolution", None)
+    """The built parts' twin of train.fit_check.check_resolution (which runs before anything is
+    built), for parts whose config it cannot read: hub ids."""
+    from train.fit_check import resolution_problem
+
+    unet, vae = getattr(module, "unet", None), getattr(module, "vae", None)
     have = getattr(datamodule, "resolution", None)
-    if want is not None and have is not None and want != have:
-        raise ConfigError(
-            f"data.resolution={have} but the model generates {want} px images "
-            f"(model.unet.sample_size x VAE downsampling); set data.resolution={want}"
-        )
+    if unet is not None and vae is not None and have is not None:
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        problem = resolution_problem(have, int(unet.config.sample_size), factor)
+        if problem:
+            raise ConfigError(problem)
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -> list[Logger]:
@@ -211,7 +217,10 @@ def remember_run_ids(trainer: L.Trainer, run_dir: Path) -> None:
 
 
 def summary(trainer: L.Trainer, run_dir: Path) -> list[str]:
-    lines = [f"Run directory: {run_dir}"]
+    from train.console_callbacks import run_report
+
+    # What was trained first (steps, samples/s, final loss, wall time), then where it went.
+    lines = [*run_report(trainer), f"Run directory: {run_dir}"]
     for cb in trainer.callbacks:
         if isinstance(cb, ExportOnTrainEnd) and cb.path:
             lines.append(f"Export (diffusers layout, safetensors): {cb.path}")
