@@ -12,6 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from cli_runner import run_cli
 from omegaconf import OmegaConf
 
 from train.sweep import (
@@ -88,7 +89,33 @@ def check_sweep(root: Path) -> tuple[object, list]:
         lr = float(child.data.params["model/optimizer/lr"])
         assert trial.params["model.optimizer.lr"] == pytest.approx(lr, rel=1e-9)
     assert study.best_value == pytest.approx(losses[best], rel=1e-6)
+    check_trials_keep_only_their_weights(root, client, parent, children[best])
     return parent, children
+
+
+def check_trials_keep_only_their_weights(root: Path, client, parent, best) -> None:
+    """Trials write no export and upload none; each keeps its last checkpoint, and the parent
+    names the one command that exports the best trial's."""
+    import torch
+    from safetensors.torch import load_file
+
+    from train.export import main as ldm_export
+
+    for run_dir in (root / "runs").iterdir():
+        assert sorted(p.name for p in run_dir.glob("checkpoints/*")) == ["last.ckpt"]
+        assert not (run_dir / "export").exists()
+    runs = client.search_runs([parent.info.experiment_id])
+    assert not any(client.list_artifacts(r.info.run_id, "export") for r in runs)
+
+    command = parent.data.tags["best_export_command"].split()
+    ckpt = root / "runs" / best.info.run_name / "checkpoints" / "last.ckpt"
+    out = root / "exports" / best.info.run_name
+    assert command == ["ldm-export", str(ckpt), str(out)]
+    assert parent.data.tags["best_checkpoint"] == str(ckpt)
+    assert run_cli(ldm_export, command).returncode == 0
+    exported = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+    trained = torch.load(ckpt, weights_only=True)["state_dict"]
+    assert exported and all(torch.equal(w, trained[f"unet.{k}"]) for k, w in exported.items())
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ import atexit
 import enum
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -136,9 +137,13 @@ class MLflowSweep(Callback):
         client.set_tag(self.parent_run_id, "sweep.num_children", str(len(children)))
         if best is not None:
             master = set(task_overrides(config.hydra.overrides.task))
-            for key, value in best_tags(best, self.metric or "", master).items():
+            tags = best_tags(best, self.metric or "", master)
+            tags |= export_tags(best, Path(str(config.paths.root)))
+            for key, value in tags.items():
                 client.set_tag(self.parent_run_id, key, value)
             log.info(f"Best trial: {best.data.tags.get(TRIAL_TAG)} (run {best.info.run_id})")
+            if "best_export_command" in tags:
+                print(f"Best trial's export: {tags['best_export_command']}", flush=True)
         else:
             log.warning(f"MLflowSweep: no finished trial logged {self.metric!r}")
         client.set_terminated(self.parent_run_id, "FINISHED" if best is not None else "FAILED")
@@ -292,4 +297,18 @@ def best_tags(best: Any, metric: str, master_overrides: set[str]) -> dict[str, s
         "best_trial": best.data.tags.get(TRIAL_TAG, ""),
         f"best_{metric}": repr(best.data.metrics[metric]),
         "best_overrides": " ".join(chosen)[:MAX_TAG_CHARS],
+    }
+
+
+def export_tags(best: Any, root: Path) -> dict[str, str]:
+    """Parent tags with the best trial's last checkpoint and the command that exports it. Trials
+    keep their checkpoint, not an export (conf/sweep/: what differs between trials is the
+    trained weights; the frozen parts are rebuilt by ldm-export exactly as training wrote them)."""
+    ckpt = best.data.tags.get("checkpoint.last")
+    if not ckpt:
+        return {}
+    out = root / "exports" / (best.info.run_name or best.info.run_id)
+    return {
+        "best_checkpoint": ckpt,
+        "best_export_command": f"ldm-export {shlex.quote(ckpt)} {shlex.quote(str(out))}",
     }
