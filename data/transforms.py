@@ -150,6 +150,15 @@ def tokenize(tokenizer: Any, captions: list[str]) -> dict[str, torch.Tensor]:
     }
 
 
+def truncated(tokenizer: Any, captions: list[str]) -> torch.Tensor:
+    """Which captions `tokenize` cut to `model_max_length` tokens ([B] bool; counted by
+    train.console_callbacks.CaptionTruncation). Tokenized once more up to one token past the
+    limit: enough to tell, and without the tokenizer's own warning about long sequences."""
+    limit = tokenizer.model_max_length
+    ids = tokenizer(captions, truncation=True, max_length=limit + 1)["input_ids"]
+    return torch.tensor([len(row) > limit for row in ids], dtype=torch.bool)
+
+
 class Collate:
     """Batch collation: stack tensors, keep strings as lists, tokenize captions, attach the
     worker's skip counts since its previous batch."""
@@ -165,5 +174,6 @@ class Collate:
             batch[name] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
         if self.tokenizer is not None:
             batch.update(tokenize(self.tokenizer, batch["caption"]))
+            batch["caption_truncated"] = truncated(self.tokenizer, batch["caption"])
         batch["skipped"] = counter.take()
         return batch
