@@ -16,14 +16,12 @@ from urllib.parse import urlsplit
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from train.errors import ConfigError
 from train.run_files import check_fresh_start, checkpoint_dir
 from train.signatures import describe, matches, signature
 
 RESERVED = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}
-
-
-class ConfigError(ValueError):
-    """A setting that cannot work; the message names the key and what to do."""
+__all__ = ["ConfigError", "check_config", "early_checks"]  # ConfigError: where callers import it
 
 
 def check_config(cfg: DictConfig, prefix: str = "", local_paths: bool = True) -> None:
@@ -50,22 +48,16 @@ def early_checks(
     seconds to import): required values, the data patterns, the tracking URI, a fresh start
     over an earlier run's checkpoints, and the global batch against the world size. Run first,
     so the commonest mistakes fail within a second or two."""
-    from data.sources import resolve_shards
     from train.batching import plan_batch
+    from train.fit_check import check_resolution, check_values
 
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"{missing[0]} is required (???); set it, e.g. {missing[0]}=<value>")
+    check_values(cfg)
     data = cfg.get("data") or {}
-    specs = [("data.urls", data.get("urls")), ("data.val_urls", data.get("val_urls"))]
-    specs += [(f"data.datasets[{i}].urls", d.get("urls"))
-              for i, d in enumerate(data.get("datasets") or [])]  # fmt: skip
-    for key, urls in specs:
-        if urls is not None and local_paths:
-            try:
-                resolve_shards(OmegaConf.to_object(urls) if OmegaConf.is_config(urls) else urls)
-            except FileNotFoundError as e:
-                raise ConfigError(str(e).replace("data.urls=", f"{key}=", 1)) from None
+    check_data(cfg, local_paths)
+    check_resolution(cfg, local_paths)
     _check_tracking_uri(cfg)
     paths = cfg.get("paths") or {}
     if run_dir and paths.get("run_dir"):
@@ -81,6 +73,33 @@ def early_checks(
         accumulation = int(trainer.get("accumulate_grad_batches") or 1)
         plan_batch(batch.global_size, world_size, batch.get("max_per_device"),
                    data.get("batch_size", 1), accumulation)  # fmt: skip
+
+
+def check_data(cfg: DictConfig, local_paths: bool = True) -> None:
+    """The data patterns match shards, and (where captions are needed) the first samples of the
+    first local shard have one: else every sample would be skipped, after the model is built."""
+    from data.preflight import caption_problem
+    from data.sources import resolve_shards
+
+    data = cfg.get("data") or {}
+    specs = [("data.urls", data.get("urls")), ("data.val_urls", data.get("val_urls"))]
+    specs += [(f"data.datasets[{i}].urls", d.get("urls"))
+              for i, d in enumerate(data.get("datasets") or [])]  # fmt: skip
+    # Captions feed the text encoder; latent shards carry its output, stage 1 has none.
+    fields = None if data.get("latents") or data.get("tokenizer") is None else data.caption_fields
+    for key, urls in specs:
+        if urls is None or not local_paths:
+            continue
+        spec = OmegaConf.to_object(urls) if OmegaConf.is_config(urls) else urls
+        try:
+            shards = resolve_shards(spec)
+        except FileNotFoundError as e:
+            raise ConfigError(str(e).replace("data.urls=", f"{key}=", 1)) from None
+        if fields is not None:
+            fields = OmegaConf.to_object(fields) if OmegaConf.is_config(fields) else fields
+            problem = caption_problem(key, spec, shards, fields)
+            if problem:
+                raise ConfigError(problem)
 
 
 def _check_tracking_uri(cfg: DictConfig) -> None:

@@ -1,0 +1,63 @@
+"""A look at the first samples of the first local shard, before anything is built.
+
+Shards whose samples have no caption in the configured field (no `KEY.txt`, or captions kept in
+`json.caption` while `data.caption_fields=txt`) train nothing: the loader skips every sample
+and stops, but only after the model is built and the loader started. Reading the small members
+of the first samples (images are not read) catches that in milliseconds.
+"""
+
+from __future__ import annotations
+
+import tarfile
+from typing import Any
+
+from data.metadata import field
+from data.sources import is_remote
+
+SAMPLES = 32  # a set whose first 32 samples are uncaptioned is not worth a start
+
+
+def first_samples(shard: str, fields: list[str], limit: int = SAMPLES) -> list[dict[str, Any]]:
+    """The members `fields` read from (txt, json, ...) of the shard's first `limit` samples,
+    grouped as webdataset does: the key is the path up to the first dot of the file name."""
+    wanted = {name.split(".", 1)[0] for name in fields}
+    samples: dict[str, dict[str, Any]] = {}
+    with tarfile.open(shard) as tar:
+        for member in tar:
+            folder, _, base = member.name.rpartition("/")
+            key, dot, ext = base.partition(".")
+            if not member.isfile() or not dot:
+                continue
+            if f"{folder}/{key}" not in samples:
+                if len(samples) == limit:
+                    break
+                samples[f"{folder}/{key}"] = {}
+            if ext in wanted:
+                samples[f"{folder}/{key}"][ext] = tar.extractfile(member).read()
+    return list(samples.values())
+
+
+def caption_problem(
+    key: str, spec: Any, shards: list[str], fields: str | dict[str, float]
+) -> str | None:
+    """What to tell the user when no sample among the first of `shards[0]` has a caption in
+    `fields` (data.caption_fields); None when one has, or the first shard is remote."""
+    if not shards or is_remote(shards[0]):
+        return None  # opening a remote shard costs a round trip; the loader reports it later
+    names = [fields] if isinstance(fields, str) else list(fields)
+    try:
+        samples = first_samples(shards[0], names)
+    except (OSError, tarfile.TarError):
+        return None  # a broken shard is the loader's to skip and count
+    for raw in samples:
+        if any(isinstance(v, str) and v.strip() for v in (field(raw, n) for n in names)):
+            return None
+    if not samples:
+        return None
+    shown = fields if isinstance(fields, str) else ",".join(names)
+    return (
+        f"{key}={spec!r}: none of the first {len(samples)} samples of {shards[0]} has a caption "
+        f"in data.caption_fields={shown}; add KEY.txt captions (ldm-data from-folder writes "
+        "them), or set data.caption_fields to the field that holds them (e.g. json.caption); "
+        "see ldm-data inspect"
+    )
