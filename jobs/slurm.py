@@ -48,10 +48,9 @@ class SlurmLauncher(Launcher):
         self.container_image = container_image
         self.container_mounts = list(container_mounts or [])
         self.setup, self.sbatch_extra = list(setup or []), list(sbatch_extra or [])
-        # Inside a container the image's ldm-train; outside, this environment's.
-        self.train_command = train_command or (
-            "ldm-train" if container_image else local_command("ldm-train")
-        )
+        # By name, from PATH: the image's inside a container; outside, the first on the PATH
+        # that the setup lines leave (this environment's unless they activate another).
+        self.train_command = train_command or "ldm-train"
 
     def names(self, run_name: str, stamp: str) -> tuple[str, str]:
         # The job id makes each submission's run name unique; a requeue keeps it.
@@ -72,8 +71,9 @@ class SlurmLauncher(Launcher):
             "partition": self.partition,
             "account": self.account,
             "qos": self.qos,
-            # %x: job name, %j: job id; append, so a requeued job continues the same log
-            "output": f"{job.paths_root}/slurm/%x-%j.out",
+            # The job log is the script's own (log_lines); this file gets only what SLURM
+            # writes itself (time limit, cancellation): in the folder sbatch ran in, which
+            # exists. Appended, so a requeued job continues it.
             "open-mode": "append",
         }
         lines = [f"#SBATCH --{k}={v}" for k, v in opts.items() if v is not None]
@@ -90,6 +90,30 @@ class SlurmLauncher(Launcher):
                 cmd.append(f"--container-mounts={','.join(self.container_mounts)}")
         return cmd
 
+    def log_lines(self, job: Job) -> list[str]:
+        """The script writes its log itself, into a folder it makes: sbatch opens an --output
+        file before the script runs and fails the job when the folder is missing, as it is for
+        a script saved from --dry-run on a fresh paths.root."""
+        folder = shlex.quote(f"{job.paths_root}/slurm")
+        return [
+            "# The job log, made here: sbatch fails a job whose --output folder is missing.",
+            "# SLURM's own messages (time limit, cancel) go to slurm-<id>.out where sbatch ran.",
+            f"mkdir -p {folder}",
+            f'exec >>{folder}/"${{SLURM_JOB_NAME}}-${{SLURM_JOB_ID}}.out" 2>&1',
+        ]
+
+    def path_lines(self) -> list[str]:
+        """This environment's bin first on PATH, before the setup lines: its `ldm-train` runs
+        even where sbatch does not pass the environment on, and a setup line that activates
+        another environment puts that one's first instead. A container has its own PATH."""
+        found = Path(local_command("ldm-train"))
+        if self.container_image or not found.is_absolute():
+            return []
+        return [
+            "# ldm-train of the submitting environment, unless a setup line activates another.",
+            f'export PATH={shlex.quote(str(found.parent))}:"$PATH"',
+        ]
+
     def render(self, job: Job) -> str:
         # The run name holds the job id, known only when the job runs: expanded by bash.
         expand = "run_name=${RUN_NAME}"
@@ -103,6 +127,8 @@ class SlurmLauncher(Launcher):
             "# Rendered by ldm-submit; resubmit with: sbatch <this file>",
             *self.directives(job),
             "set -euo pipefail",
+            *self.log_lines(job),
+            *self.path_lines(),
             *self.setup,
             *exports,
             "# One run folder and MLflow run per job, kept across requeues (same SLURM_JOB_ID).",
@@ -114,8 +140,6 @@ class SlurmLauncher(Launcher):
         return "\n".join(body) + "\n"
 
     def submit(self, job: Job, path: Path) -> str:
-        # SLURM opens --output before the script runs: its folder must exist already.
-        (Path(job.paths_root) / "slurm").mkdir(parents=True, exist_ok=True)
         out = subprocess.run(
             ["sbatch", "--parsable", str(path)], capture_output=True, text=True, check=False
         )

@@ -114,7 +114,11 @@ class LocalSlurm:
         """A SLURM client command against this cluster; ``env`` replaces this process's
         environment (sbatch passes it on to the job)."""
         full = {**(env if env is not None else os.environ), "SLURM_CONF": str(self.conf)}
-        return subprocess.run(cmd, env=full, capture_output=True, text=True, check=check)
+        # In the cluster's folder: a job starts where sbatch ran, and SLURM's own
+        # slurm-<id>.out files land there, not in the caller's working directory.
+        return subprocess.run(
+            cmd, env=full, cwd=self.dir, capture_output=True, text=True, check=check
+        )
 
     def job_state(self, job_id: str) -> str:
         """The job's state as slurmctld knows it ("UNKNOWN" once it forgot the job)."""

@@ -103,3 +103,29 @@ def test_preempted_ddp_job_requeues_and_resumes_into_the_same_run(
     logged = [m.step for m in client.get_metric_history(mlrun.info.run_id, "train/loss")]
     assert sorted(logged) == list(range(steps)), logged
     assert mlrun.info.status == "FINISHED"
+
+
+def test_a_saved_dry_run_script_runs_under_sbatch(slurm, tmp_path: Path) -> None:
+    """`ldm-submit --dry-run > job.sbatch; sbatch job.sbatch` on a paths.root that has no log
+    folder yet: the job completes and its log is where the README says. The setup line's
+    environment provides a stub ldm-train (the subject is the script, not training)."""
+    from cli_runner import run_cli
+    from test_slurm_script import other_environment
+
+    from jobs.submit import cli
+
+    other, root = other_environment(tmp_path), tmp_path / "fresh-root"
+    dry = run_cli(cli, [
+        "ldm-submit", "launcher=slurm", "launcher.cpus_per_task=1", "launcher.mem_gb=1",
+        f"launcher.setup=[source {other}/activate]", "launcher.check_paths=false",
+        "experiment=tiny", f"data.urls={tmp_path}/shards", f"paths.root={root}", "--dry-run",
+    ])  # fmt: skip
+    assert dry.returncode == 0, dry.stderr
+    assert not root.exists()  # a dry run writes nothing
+    saved = tmp_path / "job.sbatch"
+    saved.write_text(dry.stdout)
+    job_id = slurm.run("sbatch", "--parsable", str(saved)).stdout.strip().split(";")[0]
+    slurm.wait(job_id, timeout=120)
+    log = (root / "slurm" / f"tiny-{job_id}.out").read_text()
+    assert slurm.final_sacct_state(job_id) == "COMPLETED", log
+    assert f"other ldm-train: experiment=tiny data.urls={tmp_path}/shards" in log, log
