@@ -6,7 +6,9 @@ the command prints, exits with and writes (not the process boundary itself: kill
 several ranks) run it here. Everything the command may change in the process is put back:
 argv, the environment (MLflow's `set_tracking_uri` exports MLFLOW_TRACKING_URI, Lightning
 exports PL_GLOBAL_SEED), the working directory, the root logger's handlers, and the torch
-thread count (one thread, as the subprocesses run with OMP_NUM_THREADS=1).
+thread count (one thread, as the subprocesses run with OMP_NUM_THREADS=1). Log handlers that
+libraries attached to the test process's stdout/stderr at import (Lightning's, transformers',
+diffusers') write into the captured output during the call, as they would in a fresh process.
 """
 
 from __future__ import annotations
@@ -94,6 +96,7 @@ def _captured_fds() -> Iterator[Callable[[], tuple[str, str]]]:
     streams = sys.stdout, sys.stderr
     sys.stdout = open(1, "w", closefd=False, buffering=1, errors="replace")  # noqa: SIM115
     sys.stderr = open(2, "w", closefd=False, buffering=1, errors="replace")  # noqa: SIM115
+    moved = _repoint_console_handlers(dict(zip(streams, (sys.stdout, sys.stderr), strict=True)))
     result: list[str] = []
 
     def read() -> tuple[str, str]:
@@ -104,6 +107,8 @@ def _captured_fds() -> Iterator[Callable[[], tuple[str, str]]]:
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
+        for handler, stream in moved.items():
+            handler.setStream(stream)
         sys.stdout, sys.stderr = streams
         for fd, copy in zip((1, 2), saved, strict=True):
             os.dup2(copy, fd)
@@ -112,3 +117,17 @@ def _captured_fds() -> Iterator[Callable[[], tuple[str, str]]]:
             f.seek(0)
             result.append(f.read().decode(errors="replace"))
             f.close()
+
+
+def _repoint_console_handlers(streams: dict) -> dict:
+    """Point the log handlers that write to one of `streams`' keys (the test process's
+    stdout/stderr, taken when a library added a handler at import) at its value: in a fresh
+    process they write to fds 1 and 2. Returns the moved {handler: old stream}."""
+    loggers = [logging.getLogger(), *(lg for lg in logging.Logger.manager.loggerDict.values()
+                                      if isinstance(lg, logging.Logger))]  # fmt: skip
+    moved = {}
+    for handler in {h for lg in loggers for h in lg.handlers}:
+        stream = getattr(handler, "stream", None)
+        if isinstance(handler, logging.StreamHandler) and stream in streams:
+            moved[handler] = handler.setStream(streams[stream])
+    return moved

@@ -28,19 +28,35 @@ def demo_shards(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory, demo_shards):
+def _tiny_run(tmp_path_factory, demo_shards):
+    """`ldm-train` in the test process, as a user runs it (so its console output can be read):
+    (run_dir, cfg, the CompletedProcess)."""
+    from cli_runner import run_cli
+
+    from train.cli import compose, main
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    overrides = [f"paths.root={root}", "experiment=tiny", f"data.urls={demo_shards}"]
+    cfg = compose(overrides)
+    # Its own MLflow store, under root.
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = run_cli(main, ["ldm-train", *overrides], env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return Path(cfg.paths.run_dir), cfg, proc
+
+
+@pytest.fixture(scope="session")
+def tiny_run(_tiny_run):
     """One tiny `experiment=tiny` run (4 steps, MLflow store under its root) for the session:
     its checkpoints, export and MLflow run are read by the training, export and sampling tests.
     Tests that change a run (resume) work on a copy. Returns (run_dir, cfg)."""
-    from train.cli import compose
-    from train.run import run
+    return _tiny_run[:2]
 
-    root = tmp_path_factory.mktemp("tiny_run")
-    cfg = compose([f"paths.root={root}", "experiment=tiny", f"data.urls={demo_shards}"])
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)  # its own store, under root
-        run(cfg)
-    return Path(cfg.paths.run_dir), cfg
+
+@pytest.fixture(scope="session")
+def tiny_run_output(_tiny_run):
+    """What the session's tiny `ldm-train` run printed (CompletedProcess: stdout, stderr)."""
+    return _tiny_run[2]
 
 
 @pytest.fixture(scope="session")

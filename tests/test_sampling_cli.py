@@ -89,3 +89,19 @@ def test_evaluate_export_reports_accuracies(export):
     assert scores["all"] <= min(scores[k] for k in ("colour", "shape", "position", "background"))
     assert scores["num_samples"] == 4
     assert scores["num_heldout_captions"] == 4
+
+
+def test_a_long_prompt_gets_one_short_line_of_ours(export, tmp_path):
+    """Not diffusers' warning, which names CLIP whatever the encoder and echoes the prompt."""
+    from cli_runner import run_cli
+
+    long = " ".join(["a red circle"] * 10)  # 30 words + [CLS] and [SEP]
+    argv = ["ldm-sample", str(export), "--prompt", PROMPTS[0], "--prompt", long, "--steps", "1",
+            "--out", str(tmp_path / "grid.png")]  # fmt: skip
+    proc = run_cli(main, argv)
+    assert proc.returncode == 0, proc.stderr
+    assert [line for line in proc.stderr.splitlines() if "token" in line] == [
+        "ldm-sample: prompt 2 is 32 tokens; the text encoder reads the first 24 "
+        "(model.text_encoder.tokenizer.model_max_length at training)"
+    ]
+    assert "because CLIP" not in proc.stderr and "red circle a red" not in proc.stderr

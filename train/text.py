@@ -81,3 +81,18 @@ class FrozenTextEncoder(nn.Module):
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         return out
+
+
+def long_prompts_note(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> str | None:
+    """One short line about the prompts longer than the text encoder reads, or None."""
+    limit = int(tokenizer.model_max_length)
+    # verbose=False: not the tokenizer's own warning, which this line replaces.
+    lengths = [len(ids) for ids in tokenizer(prompts, verbose=False)["input_ids"]]
+    long = [(i, n) for i, n in enumerate(lengths, 1) if n > limit]
+    if not long:
+        return None
+    which = ", ".join(str(i) for i, _ in long)
+    sizes = ", ".join(str(n) for _, n in long)
+    are = "is" if len(long) == 1 else "are"
+    return (f"prompt{'s' * (len(long) > 1)} {which} {are} {sizes} tokens; the text encoder reads "
+            f"the first {limit} (model.text_encoder.tokenizer.model_max_length at training)")
