@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -64,6 +65,18 @@ def generate(
     return images
 
 
+def warn_long_prompts(pipe: DiffusionPipeline, prompts: list[str]) -> None:
+    """One short line of ours on stderr instead of diffusers' warning (it names CLIP whatever
+    the encoder, and echoes the cut-off text once per batch) and the tokenizer's own."""
+    from train.console import TRUNCATION_RECORDS, drop_records
+    from train.text import long_prompts_note
+
+    drop_records(TRUNCATION_RECORDS)
+    note = long_prompts_note(pipe.tokenizer, prompts)
+    if note:
+        print(f"ldm-sample: {note}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="ldm-sample", description=__doc__)
     p.add_argument("export", help="a diffusers-layout folder written by ldm-train / ldm-export")
@@ -81,6 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = p.parse_args(argv)
     pipe = load_pipeline(args.export, args.scheduler, args.allow_pickle)
+    warn_long_prompts(pipe, args.prompt)
     prompts = [pr for pr in args.prompt for _ in range(args.num_per_prompt)]
     images = generate(pipe, prompts, args.steps, args.guidance_scale, args.seed)
     grid = image_grid(images, cols=args.num_per_prompt if args.num_per_prompt > 1 else None)
