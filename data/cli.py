@@ -14,6 +14,7 @@ from data.folder import TABLE_SUFFIXES, folder_to_shards
 from data.shapes import heldout_specs
 from data.shards import HELDOUT, MANIFEST, ensure_demo_shards, shard_pattern
 from data.tools import DEFAULT_MAX_PIXELS, inspect_shards, validate_shards, write_sizes
+from train.errors import BAD_INPUT, ArgumentParser, debug_flag, report
 
 MAX_LISTED = 5  # skipped files or bad samples printed to the console; the rest are counted
 
@@ -196,7 +197,7 @@ def _add_data_tools(sub: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ldm-data", description=__doc__)
+    parser = ArgumentParser(prog="ldm-data", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="render the procedural shapes set into OUT")
     demo.add_argument("out", metavar="OUT")
@@ -215,7 +216,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_encode_config(overrides: list[str]) -> None:
+    """The overrides compose, the shards exist and carry captions: said in a second, before
+    torch and the models load."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from train.cli import compose
+    from train.config_check import check_data
+    from train.errors import ConfigError
+
+    try:
+        check_data(compose(overrides))
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(str(e)) from None
+
+
 def _encode(args: argparse.Namespace) -> int:
+    _check_encode_config(args.overrides)
     from train.encode import run_cli  # torch and the models load only for this command
 
     return run_cli(args)
@@ -241,10 +259,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (FileNotFoundError, FileExistsError, ValueError) as exn:
+    except (*BAD_INPUT, ValueError) as exn:
         # Errors raised with a message that names the file or setting and the fix.
-        print(f"ldm-data {args.command}: error: {exn}", file=sys.stderr)
-        return 2
+        return report(f"ldm-data {args.command}: error:", str(exn), debug_flag(args))
 
 
 if __name__ == "__main__":

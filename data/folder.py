@@ -205,6 +205,10 @@ def folder_to_shards(
     images = find_images(src)
     if not images:
         raise FileNotFoundError(f"SRC {src} holds no {'/'.join(IMAGE_SUFFIXES)} images")
+    if captions_table is None and not any(p.with_suffix(".txt").is_file() for p in images):
+        # Said before any image is read (and before the progress bar): nothing would be written.
+        raise ValueError(f"none of the {len(images)} images under {src} has a NAME.txt caption "
+                         "beside it; add NAME.txt captions or give --captions-csv")  # fmt: skip
     table, unmatched = None, []
     if captions_table is not None:
         table = read_caption_table(captions_table, src, path_col, caption_col)

@@ -20,6 +20,7 @@ from hydra.utils import instantiate
 from omegaconf.errors import OmegaConfBaseException
 
 from jobs.launcher import Job, Launcher, SubmitError, user_overrides
+from train.errors import ArgumentParser, debug_flag, report
 
 LAUNCHERS = "launcher=slurm | k8s | k8s_jobset | k8s_job | local"
 
@@ -65,7 +66,7 @@ def write(text: str, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="ldm-submit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--dry-run", action="store_true", help="print the job; submit nothing")
@@ -79,8 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         text = launcher.render(job)
         check_no_secrets(text)
     except (SubmitError, ConfigError, HydraException, OmegaConfBaseException) as e:
-        print(f"ldm-submit: {e}", file=sys.stderr)
-        return 2
+        return report("ldm-submit:", str(e), debug_flag(args))  # one line, exit 2
     if args.dry_run:
         print(text, end="")
         return 0

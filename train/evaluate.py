@@ -6,12 +6,12 @@ scores measure compositional generalisation, not recall of training images.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 from data.shapes import heldout_specs, score_many
-from train.sample import SCHEDULERS, generate, load_pipeline
+from train.errors import BAD_INPUT, ArgumentParser, bad_input, debug_flag, positive_int
+from train.sample import SCHEDULERS, check_export, generate, load_pipeline
 from train.util import image_grid
 
 
@@ -40,25 +40,29 @@ def evaluate_export(
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="ldm-eval", description=__doc__)
+    p = ArgumentParser(prog="ldm-eval", description=__doc__)
     p.add_argument("export", help="a diffusers-layout export of a model trained on the demo shards")
-    p.add_argument("--num-samples", type=int, default=96)
-    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--num-samples", type=positive_int, default=96)
+    p.add_argument("--steps", type=positive_int, default=25)
     p.add_argument("--guidance-scale", "--cfg", type=float, default=4.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="ddim")
     p.add_argument("--grid", type=Path, default=None, help="also write the first 64 samples here")
     p.add_argument("--json", type=Path, default=None, help="write the scores here as JSON")
     args = p.parse_args(argv)
-    scores = evaluate_export(
-        args.export,
-        args.num_samples,
-        args.steps,
-        args.guidance_scale,
-        args.seed,
-        args.scheduler,
-        grid_path=args.grid,
-    )
+    with bad_input("ldm-eval:", debug_flag(args)):
+        check_export(args.export)  # before torch and diffusers are imported
+    # OSError: diffusers refusing pickle-based weights, a part missing, a --grid not writable.
+    with bad_input("ldm-eval:", debug_flag(args), (*BAD_INPUT, OSError)):
+        scores = evaluate_export(
+            args.export,
+            args.num_samples,
+            args.steps,
+            args.guidance_scale,
+            args.seed,
+            args.scheduler,
+            grid_path=args.grid,
+        )
     text = json.dumps(scores, indent=2)
     print(text)
     if args.json:

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
+import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
-import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from train.errors import BAD_INPUT, ArgumentParser, ConfigError, bad_input, debug_flag
 
-from train import config
-from train.ema import ema_from_checkpoint
-from train.sharding import load_any_checkpoint
+# torch, Hydra, Lightning and diffusers load inside the functions: `check_checkpoint` answers a
+# wrong path in about a second, not after 8 s of imports.
+EXAMPLE = "pass a checkpoint written by ldm-train, e.g. RUN_DIR/checkpoints/last.ckpt"
 
 
 def build_module(model: Any, seed: int) -> Any:
@@ -20,6 +19,9 @@ def build_module(model: Any, seed: int) -> Any:
     frozen parts built from config (a random-init VAE, as the tiny configs use) are then the
     same in training and in every later `ldm-export`, which rebuilds them instead of storing
     them in checkpoints."""
+    import torch
+    from hydra.utils import instantiate
+
     torch.manual_seed(seed)
     return instantiate(model)
 
@@ -30,6 +32,12 @@ def module_from_checkpoint(path: str | Path, allow_pickle: bool = False):
     Also returns the checkpoint's whole EMA UNet state (None without EMA). `path` may be a
     .ckpt file or a sharded DeepSpeed / FSDP checkpoint folder.
     """
+    from omegaconf import OmegaConf
+
+    from train import config
+    from train.ema import ema_from_checkpoint
+    from train.sharding import load_any_checkpoint
+
     ckpt = load_any_checkpoint(path, allow_pickle)
     if "ldm_config" not in ckpt:
         raise ValueError(f"{path} has no 'ldm_config': it was not written by ldm-train")
@@ -56,8 +64,26 @@ def export_checkpoint(
     return module.export(out_dir)
 
 
+def check_checkpoint(path: str | Path) -> None:
+    """ConfigError unless `path` can be a checkpoint: a zip file (torch.save's format), or a
+    DeepSpeed / FSDP checkpoint folder; an export folder is named as one."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"checkpoint {path} does not exist; {EXAMPLE}")
+    if path.is_dir():
+        if (path / "model_index.json").is_file():
+            raise ConfigError(f"{path} is an export (a diffusers folder), not a checkpoint: "
+                              f"ldm-sample and ldm-eval read it as it is; {EXAMPLE}")  # fmt: skip
+        if not ((path / "latest").is_file() or (path / "checkpoint").is_dir()
+                or (path / "meta.pt").is_file()):  # fmt: skip
+            raise ConfigError(f"{path} is a folder but not a sharded DeepSpeed/FSDP checkpoint "
+                              f"(no 'latest', 'checkpoint/' or 'meta.pt'); {EXAMPLE}")  # fmt: skip
+    elif not zipfile.is_zipfile(path):
+        raise ConfigError(f"{path} is not a checkpoint (not a torch.save zip file); {EXAMPLE}")
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="ldm-export", description=__doc__)
+    parser = ArgumentParser(prog="ldm-export", description=__doc__)
     parser.add_argument("checkpoint", help="a .ckpt written by ldm-train (e.g. .../last.ckpt)")
     parser.add_argument("out", help="output folder (replaced atomically if it exists)")
     parser.add_argument(
@@ -70,8 +96,15 @@ def main(argv: list[str] | None = None) -> None:
         "checkpoints you trust); .ckpt files never need it",
     )
     args = parser.parse_args(argv)
-    try:
-        out = export_checkpoint(args.checkpoint, args.out, not args.no_ema, args.allow_pickle)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"ldm-export: {e}") from None
+    with bad_input("ldm-export:", debug_flag(args)):
+        check_checkpoint(args.checkpoint)
+    # ValueError: a folder that needs --allow-pickle, a checkpoint not written by ldm-train.
+    with bad_input("ldm-export:", debug_flag(args), (*BAD_INPUT, ValueError)):
+        try:
+            out = export_checkpoint(args.checkpoint, args.out, not args.no_ema, args.allow_pickle)
+        except pickle.UnpicklingError as e:  # weights_only=True refused a pickled object
+            raise ConfigError(
+                f"{args.checkpoint} cannot be loaded: Weights only load failed (it holds pickled "
+                f"objects, and none is run); {EXAMPLE}"
+            ) from e
     print(f"exported {args.checkpoint} -> {out}")

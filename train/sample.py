@@ -2,43 +2,63 @@
 
 from __future__ import annotations
 
-import argparse
+import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from diffusers import (
-    DDIMScheduler,
-    DDPMScheduler,
-    DiffusionPipeline,
-    DPMSolverMultistepScheduler,
-    EulerDiscreteScheduler,
-)
-from PIL import Image
+from train.errors import BAD_INPUT, ArgumentParser, bad_input, debug_flag, positive_int
 
-from train.util import image_grid
+if TYPE_CHECKING:  # torch and diffusers load in load_pipeline: bad arguments fail in a second
+    from diffusers import DiffusionPipeline
+    from PIL import Image
 
-# CLI names for diffusers' schedulers, with the options that make each the named sampler.
+# CLI names for diffusers' schedulers (class names), with the options that make each the sampler.
 SCHEDULERS = {
-    "ddim": (DDIMScheduler, {}),
-    "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
-    "euler": (EulerDiscreteScheduler, {}),
-    "ddpm": (DDPMScheduler, {}),
+    "ddim": ("DDIMScheduler", {}),
+    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
 }
+
+
+def check_export(export_dir: str | Path) -> Path:
+    """`export_dir` is a diffusers pipeline folder (model_index.json naming its class), checked
+    before torch and diffusers are imported. FileNotFoundError: what load_pipeline raised."""
+    path = Path(export_dir)
+    index = path / "model_index.json"
+    run_export = "pass the export/ folder of a run, or write one with ldm-export CKPT OUT"
+    to_export = "if it is a checkpoint, export it first: ldm-export CKPT OUT"
+    if path.is_file():
+        raise FileNotFoundError(f"{path} is a file, not an export folder; {to_export}")
+    if not path.is_dir():
+        raise FileNotFoundError(f"export folder {path} does not exist; {run_export}")
+    if not index.is_file():
+        is_ckpt = path.suffix == ".ckpt" or (path / "latest").is_file()
+        hint = to_export if is_ckpt else run_export
+        raise FileNotFoundError(f"{path} has no model_index.json: not a diffusers export; {hint}")
+    try:
+        name = json.loads(index.read_text()).get("_class_name")
+    except (ValueError, AttributeError):
+        name = None
+    if not isinstance(name, str):
+        raise FileNotFoundError(f"{index} names no pipeline class (_class_name): not a diffusers "
+                          "export; export the run again with ldm-export CKPT OUT")  # fmt: skip
+    return path
 
 
 def load_pipeline(
     export_dir: str | Path, scheduler: str = "ddim", allow_pickle: bool = False
 ) -> DiffusionPipeline:
     """Load an export; pickle-based weights are refused unless `allow_pickle`."""
-    export_dir = Path(export_dir)
-    if not (export_dir / "model_index.json").is_file():
-        raise FileNotFoundError(f"{export_dir} has no model_index.json: not a diffusers export")
-    pipe = DiffusionPipeline.from_pretrained(
+    import diffusers
+
+    export_dir = check_export(export_dir)
+    pipe = diffusers.DiffusionPipeline.from_pretrained(
         export_dir, use_safetensors=None if allow_pickle else True
     )
-    cls, options = SCHEDULERS[scheduler]
-    pipe.scheduler = cls.from_config(pipe.scheduler.config, **options)
+    name, options = SCHEDULERS[scheduler]
+    pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config, **options)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -52,6 +72,8 @@ def generate(
     batch_size: int = 16,
 ) -> list[Image.Image]:
     """Images for `prompts`, one seeded generator for the whole list, in batches."""
+    import torch
+
     generator = torch.Generator(device="cpu").manual_seed(seed)
     images: list[Image.Image] = []
     for i in range(0, len(prompts), batch_size):
@@ -78,12 +100,12 @@ def warn_long_prompts(pipe: DiffusionPipeline, prompts: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="ldm-sample", description=__doc__)
+    p = ArgumentParser(prog="ldm-sample", description=__doc__)
     p.add_argument("export", help="a diffusers-layout folder written by ldm-train / ldm-export")
     p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     p.add_argument("--out", default="grid.png", help="PNG grid to write")
-    p.add_argument("--num-per-prompt", type=int, default=1)
-    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--num-per-prompt", type=positive_int, default=1)
+    p.add_argument("--steps", type=positive_int, default=25)
     p.add_argument("--guidance-scale", "--cfg", type=float, default=4.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="ddim")
@@ -93,7 +115,13 @@ def main(argv: list[str] | None = None) -> None:
         help="also load .bin/.ckpt weights (runs pickle: only for files you trust)",
     )
     args = p.parse_args(argv)
-    pipe = load_pipeline(args.export, args.scheduler, args.allow_pickle)
+    with bad_input("ldm-sample:", debug_flag(args)):
+        check_export(args.export)  # before the imports of load_pipeline (seconds)
+    from train.util import image_grid
+
+    # OSError: diffusers refusing pickle-based weights, or a part missing from the export.
+    with bad_input("ldm-sample:", debug_flag(args), (*BAD_INPUT, OSError)):
+        pipe = load_pipeline(args.export, args.scheduler, args.allow_pickle)
     warn_long_prompts(pipe, args.prompt)
     prompts = [pr for pr in args.prompt for _ in range(args.num_per_prompt)]
     images = generate(pipe, prompts, args.steps, args.guidance_scale, args.seed)

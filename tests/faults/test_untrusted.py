@@ -53,7 +53,7 @@ def test_sharded_checkpoint_folders_need_allow_pickle(tmp_path: Path) -> None:
     (folder / "checkpoint").mkdir(parents=True)
     (folder / "latest").write_text("checkpoint")
     proc = run_cli(export_main, [LDM_EXPORT, str(folder), str(tmp_path / "out")])
-    assert proc.returncode == 1
+    assert proc.returncode == 2  # bad input: one line, exit 2 (train/errors.py)
     assert "is a sharded checkpoint folder" in proc.stderr and "--allow-pickle" in proc.stderr
 
 
