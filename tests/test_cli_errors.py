@@ -33,11 +33,12 @@ def _entry(script: str) -> Callable[[], object]:
     from train.cli import main as train_main
     from train.evaluate import main as eval_main
     from train.export import main as export_main
+    from train.mlflow_sync import main as sync_main
     from train.sample import main as sample_main
 
     return {"ldm-train": train_main, "ldm-data": _data_main, "ldm-export": export_main,
             "ldm-sample": sample_main, "ldm-eval": eval_main,
-            "ldm-submit": submit_cli}[script]  # fmt: skip
+            "ldm-submit": submit_cli, "ldm-mlflow-sync": sync_main}[script]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +59,8 @@ def inputs(tmp_path_factory, demo_shards: Path) -> dict[str, str]:
     (root / "export" / "model_index.json").write_text("{}")
     (root / "empty").mkdir()
     (root / "bad.ckpt").write_bytes(b"not a checkpoint")
+    (root / "spool").mkdir()  # a spool whose run never recorded its tracking URI
+    (root / "spool" / "ops.jsonl").write_text("")
     (root / "vae").mkdir()  # a local pretrained VAE: only its config.json is read
     (root / "vae" / "config.json").write_text('{"block_out_channels": [8, 8, 8]}')
     return {"ROOT": str(root), "SHARDS": str(demo_shards)}
@@ -91,6 +94,9 @@ CASES = [
     ("ldm-eval", ["ROOT/empty", "--num-samples", "0"], "--num-samples: 0 must be at least 1"),
     ("ldm-submit", ["launcher=nope", "experiment=tiny"], "Could not find 'launcher/nope'"),
     ("ldm-submit", ["--nodes", "2", "launcher=slurm"], "unrecognized arguments: --nodes"),
+    ("ldm-mlflow-sync", ["ROOT/empty"], "ROOT/empty is neither an MLflow spool nor a run"),
+    ("ldm-mlflow-sync", ["ROOT/spool"], "ROOT/spool names no tracking URI: pass --tracking-uri"),
+    ("ldm-mlflow-sync", ["ROOT/empty", "--wait", "soon"], "argument --wait: invalid float"),
 ]  # fmt: skip
 
 

@@ -3,14 +3,13 @@ in a run's MLflow spool (`train/mlflow_spool.py`), idempotently."""
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
 import time
 from pathlib import Path
 
-from train.config_check import ConfigError
+from train.errors import ArgumentParser, ConfigError, bad_input, debug_flag
 from train.mlflow_spool import Sender, Spool, Unreachable, check_tracking_uri, probe
 
 
@@ -20,7 +19,8 @@ def find_spool(path: Path) -> Path:
         return path
     if (path / "mlflow_spool").is_dir():
         return path / "mlflow_spool"
-    raise SystemExit(f"{path} is neither an MLflow spool nor a run folder with mlflow_spool/")
+    raise ConfigError(f"{path} is neither an MLflow spool nor a run folder with mlflow_spool/; "
+                      "pass runs/<run> or its mlflow_spool/ folder")  # fmt: skip
 
 
 def sync(directory: Path, tracking_uri: str | None = None, wait_s: float = 60.0) -> int:
@@ -31,7 +31,8 @@ def sync(directory: Path, tracking_uri: str | None = None, wait_s: float = 60.0)
         return 3
     uri = tracking_uri or spool.meta().get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
-        raise SystemExit("no tracking URI: pass --tracking-uri or set MLFLOW_TRACKING_URI")
+        raise ConfigError(f"{spool.dir} names no tracking URI: pass --tracking-uri or set "
+                          "MLFLOW_TRACKING_URI")  # fmt: skip
     check_tracking_uri(uri)
     sender, ops = Sender(spool, uri), spool.pending()
     total, deadline = len(ops), time.monotonic() + wait_s
@@ -58,7 +59,7 @@ def sync(directory: Path, tracking_uri: str | None = None, wait_s: float = 60.0)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="ldm-mlflow-sync", description="Send an MLflow spool left by a tracker outage."
     )
     parser.add_argument("path", type=Path, help="the spool folder, or the run folder holding it")
@@ -66,11 +67,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--wait", type=float, default=60.0, help="seconds to retry an outage")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    try:
-        sys.exit(sync(args.path, args.tracking_uri, args.wait))
-    except ConfigError as e:
-        print(f"Config error: {e}", file=sys.stderr)
-        sys.exit(2)
+    with bad_input("Config error:", debug_flag(args)):
+        code = sync(args.path, args.tracking_uri, args.wait)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
