@@ -64,6 +64,16 @@ def test_own_data_preset_is_named_after_the_run_and_previews_its_captions(
     )
 
 
+def test_own_data_stage_1_is_named_after_the_run_too(compose, own_shards: Path) -> None:
+    cfg = compose("experiment=shards_autoencoder", f"data.urls={own_shards}",
+                  "experiment_name=my-vae")  # fmt: skip
+    assert cfg.model._target_ == "train.autoencoder_module.AutoencoderTraining"
+    assert cfg.paths.run_dir.endswith("/runs/my-vae")  # stage 2 reads runs/my-vae/export
+    assert cfg.callbacks.export.register_as == "ldm-my-vae"  # not ldm-demo-autoencoder
+    assert cfg.data.batch_size == 16
+    check_config(cfg)
+
+
 def test_own_data_previews_can_come_from_a_prompt_file(
     compose, own_shards: Path, tmp_path: Path
 ) -> None:
