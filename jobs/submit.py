@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="print the job; submit nothing")
     parser.add_argument("--out", type=Path, help="job file (default: <paths.root>/jobs/<name>.*)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for ldm-train")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # flags before, between or after the overrides
     from train.config_check import ConfigError
 
     try:
