@@ -105,3 +105,15 @@ def test_a_long_prompt_gets_one_short_line_of_ours(export, tmp_path):
         "(model.text_encoder.tokenizer.model_max_length at training)"
     ]
     assert "because CLIP" not in proc.stderr and "red circle a red" not in proc.stderr
+
+
+def test_sampling_prints_what_it_wrote_and_no_library_notes(export, tmp_path):
+    """No loading bars, no accelerate advert, no CLIP type hint for the MiniLM encoder."""
+    from cli_runner import run_cli
+
+    out = tmp_path / "grid.png"
+    proc = run_cli(main, ["ldm-sample", str(export), "--prompt", PROMPTS[0], "--steps", "1",
+                          "--out", str(out)])  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [f"wrote 1 samples to {out}"]
+    assert proc.stderr == ""

@@ -37,6 +37,19 @@ TRUNCATION_RECORDS: tuple[tuple[str, str], ...] = (
 )  # fmt: skip
 
 
+# What loading an export through diffusers says that a user of ldm-sample / ldm-eval cannot act
+# on: accelerate is optional (a tiny export loads in a second without it), and our exports pair
+# the pipeline with the text encoder they were trained with (MiniLM is a BertModel), where
+# diffusers' type hint names CLIP. Another mismatch still shows.
+LOADING_RECORDS: tuple[tuple[str, str], ...] = (
+    ("diffusers.pipelines.pipeline_utils", "Cannot initialize model with low cpu memory usage"),
+    ("diffusers.models.modeling_utils", "Cannot initialize model with low cpu memory usage"),
+    ("diffusers.pipelines.pipeline_utils",
+     r"Expected types for text_encoder: \(<class '[\w.]+CLIPTextModel'>,\), got <class "
+     r"'transformers\.models\.bert\.modeling_bert\.BertModel'>"),
+)  # fmt: skip
+
+
 class _DropMatching(logging.Filter):
     def __init__(self, patterns: tuple[str, ...]) -> None:
         super().__init__()
@@ -90,3 +103,15 @@ def tidy_console() -> None:
             if type(handler) is logging.StreamHandler:  # a console, not a log file
                 logger.removeHandler(handler)
         logger.propagate = True
+
+
+def quiet_loading() -> None:
+    """For the scripts that load an export: the notes above, and no loading bars (diffusers'
+    components, transformers' weights: a second, drawn as lines of escape codes in logs)."""
+    import diffusers
+    import transformers
+
+    quiet_library_noise()
+    drop_records(LOADING_RECORDS)
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()

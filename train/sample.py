@@ -53,7 +53,10 @@ def load_pipeline(
     """Load an export; pickle-based weights are refused unless `allow_pickle`."""
     import diffusers
 
+    from train.console import quiet_loading
+
     export_dir = check_export(export_dir)
+    quiet_loading()
     pipe = diffusers.DiffusionPipeline.from_pretrained(
         export_dir, use_safetensors=None if allow_pickle else True
     )
