@@ -5,10 +5,11 @@ it does anything; in the test process those imports are paid once. Tests whose s
 the command prints, exits with and writes (not the process boundary itself: kills, signals,
 several ranks) run it here. Everything the command may change in the process is put back:
 argv, the environment (MLflow's `set_tracking_uri` exports MLFLOW_TRACKING_URI, Lightning
-exports PL_GLOBAL_SEED), the working directory, the root logger's handlers, and the torch
-thread count (one thread, as the subprocesses run with OMP_NUM_THREADS=1). Log handlers that
-libraries attached to the test process's stdout/stderr at import (Lightning's, transformers',
-diffusers') write into the captured output during the call, as they would in a fresh process.
+exports PL_GLOBAL_SEED), the working directory, the root logger's handlers, Hydra's config
+singleton, and the torch thread count (one thread, as the subprocesses run with
+OMP_NUM_THREADS=1). Log handlers that libraries attached to the test process's stdout/stderr
+at import (Lightning's, transformers', diffusers') write into the captured output during the
+call, as they would in a fresh process.
 """
 
 from __future__ import annotations
@@ -56,11 +57,16 @@ def _exit_code(main: Callable[[], object]) -> int:
 @contextlib.contextmanager
 def _restored_process_state(env: Mapping[str, str] | None, cwd: str | Path | None) -> Iterator:
     import torch
+    from hydra.core.hydra_config import HydraConfig
 
     saved_env, saved_argv, saved_cwd = dict(os.environ), sys.argv, os.getcwd()
     root = logging.getLogger()
     saved_handlers, saved_level = list(root.handlers), root.level
     saved_threads = torch.get_num_threads()
+    # Hydra's app leaves its config in this singleton: a later `run(cfg)` from Python would
+    # take that app's output folder for its own (train.run_files.save_hydra_files).
+    hydra_config = HydraConfig.instance()
+    saved_hydra = hydra_config.cfg
     try:
         if env is not None:
             os.environ.clear()
@@ -81,6 +87,7 @@ def _restored_process_state(env: Mapping[str, str] | None, cwd: str | Path | Non
         root.handlers[:] = saved_handlers
         root.setLevel(saved_level)
         torch.set_num_threads(saved_threads)
+        hydra_config.cfg = saved_hydra
 
 
 @contextlib.contextmanager

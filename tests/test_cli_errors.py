@@ -105,7 +105,10 @@ def _fill(text: str, inputs: dict[str, str]) -> str:
 
 
 def _run(script: str, argv: list[str], inputs: dict[str, str], tmp_path: Path, **env: str):
-    environ = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    # MLflow's set_tracking_uri exports MLFLOW_TRACKING_URI: an earlier in-process run's store
+    # must not become the tracking URI of a case here.
+    environ = {k: v for k, v in os.environ.items()
+               if k not in ("HYDRA_FULL_ERROR", "MLFLOW_TRACKING_URI")}  # fmt: skip
     environ |= {"LDM_OUTPUT_DIR": str(tmp_path), "HF_HUB_OFFLINE": "1", **env}
     entry = _entry(script)
     start = time.perf_counter()
