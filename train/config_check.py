@@ -87,6 +87,8 @@ def check_data(cfg: DictConfig, local_paths: bool = True) -> None:
               for i, d in enumerate(data.get("datasets") or [])]  # fmt: skip
     # Captions feed the text encoder; latent shards carry its output, stage 1 has none.
     fields = None if data.get("latents") or data.get("tokenizer") is None else data.caption_fields
+    if OmegaConf.is_config(fields):
+        fields = OmegaConf.to_object(fields)
     for key, urls in specs:
         if urls is None or not local_paths:
             continue
@@ -96,7 +98,6 @@ def check_data(cfg: DictConfig, local_paths: bool = True) -> None:
         except FileNotFoundError as e:
             raise ConfigError(str(e).replace("data.urls=", f"{key}=", 1)) from None
         if fields is not None:
-            fields = OmegaConf.to_object(fields) if OmegaConf.is_config(fields) else fields
             problem = caption_problem(key, spec, shards, fields)
             if problem:
                 raise ConfigError(problem)

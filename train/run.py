@@ -126,12 +126,12 @@ def check_resolution(datamodule: Any, module: Any) -> None:
     """The built parts' twin of train.fit_check.check_resolution (which runs before anything is
     built), for parts whose config it cannot read: hub ids."""
     from train.fit_check import resolution_problem
+    from train.parts import vae_scale_factor
 
     unet, vae = getattr(module, "unet", None), getattr(module, "vae", None)
     have = getattr(datamodule, "resolution", None)
     if unet is not None and vae is not None and have is not None:
-        factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        problem = resolution_problem(have, int(unet.config.sample_size), factor)
+        problem = resolution_problem(have, int(unet.config.sample_size), vae_scale_factor(vae))
         if problem:
             raise ConfigError(problem)
 
