@@ -1,6 +1,10 @@
-"""The README's shell examples, run through bash: every `ldm-train`, `ldm-submit` and `ldm-data`
-line of its ```bash blocks must parse as the user would paste it, and a brace pattern must reach
-the config unchanged (bash strips one level of quotes; Hydra's parser rejects a bare `{`).
+"""The shell examples of the README and of every docs/*.md page, run through bash: every
+`ldm-train`, `ldm-submit` and `ldm-data` line of their ```bash blocks must parse as the user would
+paste it, and a brace pattern must reach the config unchanged (bash strips one level of quotes;
+Hydra's parser rejects a bare `{`). Each block is one test case, named by page and the line of
+its opening fence (e.g. `docs/data.md:97`): its lines run in order in a fresh folder, as a reader
+pastes them (a later line may read what an earlier one wrote). The pages' relative links must
+lead to a page and heading that exist, so moving a section between pages breaks no link.
 
 bash does the word splitting (quotes, `\\` continuations, `$USER`): the three commands are shell
 functions that hand back the argv bash built, and the real entry points run on it in the test
@@ -21,10 +25,13 @@ import yaml
 from cli_runner import run_cli
 from PIL import Image
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+# The README and the reference pages it links to; a new page is picked up without listing it.
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 PROGRAMS = ("ldm-train", "ldm-submit", "ldm-data")
-# Lines not run here, by how they start, and why. A new README command that is neither one of
-# PROGRAMS nor listed here fails test_every_readme_command_is_run_or_listed: classify it.
+# Lines not run here, by how they start, and why. A new command on any page that is neither one
+# of PROGRAMS nor listed here fails test_every_command_is_run_or_listed: classify it.
 NOT_RUN = {
     "make demo": "the demo itself: sets up .venv and trains both stages (minutes)",
     "make test": "the suite itself",
@@ -33,7 +40,7 @@ NOT_RUN = {
     "export SLURM_CONF=": "the local cluster's config: only the cluster commands below read it",
     "squeue; scancel": "a running job on the local cluster (tests/test_slurm_jobs.py)",
     "sacct -j": "a finished job on the local cluster (tests/test_slurm_jobs.py)",
-    "python -m jobs.slurm_local down": "stops a local cluster this test never starts",
+    "python -m support.slurm_local down": "stops a local cluster this test never starts",
     "ldm-export outputs/runs/demo/": "a trained checkpoint (tests/test_sampling_cli.py)",
     "ldm-sample /tmp/my-export": "an export (tests/test_sampling_cli.py)",
 }
@@ -48,14 +55,56 @@ CLUSTER_PATHS = ("/lustre/",)
 BRACE = re.compile(r"/[^\s'\"]*\{\d+\.\.\d+\}[^\s'\"]*")
 
 
-def command_lines(text: str) -> list[str]:
-    """The command lines of the ```bash blocks, continuations joined, comments dropped."""
-    lines = []
-    for block in re.findall(r"^```bash\n(.*?)^```", text, flags=re.M | re.S):
-        for line in block.replace("\\\n", " ").splitlines():
+def bash_blocks(text: str) -> list[tuple[int, list[str]]]:
+    """Each ```bash block as (line number of its opening fence, its command lines), continuations
+    joined, comments dropped."""
+    blocks = []
+    for match in re.finditer(r"^```bash\n(.*?)^```", text, flags=re.M | re.S):
+        lines = []
+        for line in match.group(1).replace("\\\n", " ").splitlines():
             if line.strip() and not line.lstrip().startswith("#"):
                 lines.append(" ".join(line.split()))
-    return lines
+        blocks.append((text.count("\n", 0, match.start()) + 1, lines))
+    return blocks
+
+
+def command_lines(text: str) -> list[str]:
+    """The command lines of the ```bash blocks, in page order."""
+    return [line for _, lines in bash_blocks(text) for line in lines]
+
+
+def page_name(page: Path) -> str:
+    return page.relative_to(ROOT).as_posix()
+
+
+def program_blocks() -> list:
+    """One pytest param per ```bash block that runs at least one of PROGRAMS, id `page:line`."""
+    return [
+        pytest.param(lines, id=f"{page_name(page)}:{number}")
+        for page in PAGES
+        for number, lines in bash_blocks(page.read_text())
+        if any(line.startswith(PROGRAMS) for line in lines)
+    ]
+
+
+def outside_code(text: str) -> str:
+    """`text` without fenced blocks and inline code: a `#` comment in a block is no heading, and
+    `](` inside code is no link."""
+    text = re.sub(r"^```.*?^```", "", text, flags=re.M | re.S)
+    return re.sub(r"`[^`\n]*`", "", text)
+
+
+def anchors(page: Path) -> set[str]:
+    """The `#fragment`s GitHub gives the page's headings: lower case, punctuation dropped, spaces
+    as `-`, a repeated heading suffixed `-1`, `-2`..."""
+    seen: dict[str, int] = {}
+    found = set()
+    text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.M | re.S)
+    for heading in re.findall(r"^#{1,6} +(.+?) *#*$", text, flags=re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+        found.add(f"{slug}-{seen[slug]}" if slug in seen else slug)
+        seen[slug] = seen.get(slug, 0) + 1
+    return found
 
 
 def bash_argv(line: str) -> list[str]:
@@ -94,7 +143,7 @@ def job_arguments(job: str) -> list[str]:
 
 
 def run_train(argv: list[str]) -> dict:
-    from train.cli import main
+    from train.cli.train import main
 
     # Hydra refuses --cfg with --multirun; the sweep's job config composes the same without it.
     args = [a for a in argv[1:] if a not in ("-m", "...")]  # `...`: "and your other overrides"
@@ -104,12 +153,12 @@ def run_train(argv: list[str]) -> dict:
 
 
 def run_data(argv: list[str]) -> dict | None:
-    from data.cli import build_parser, main
+    from train.cli.data import build_parser, main
 
     if argv[1] == "encode":  # its overrides are ldm-train's: composed before any model loads
         from omegaconf import OmegaConf
 
-        from train.cli import compose
+        from train.config.compose import compose
 
         cfg = compose(build_parser().parse_args(argv[1:]).overrides)
         return OmegaConf.to_container(cfg)
@@ -140,26 +189,37 @@ def photos(tmp_path: Path) -> Path:
     return folder
 
 
-def test_every_readme_command_is_run_or_listed() -> None:
-    lines = command_lines(README.read_text())
-    listed = {start for start in NOT_RUN for line in lines if line.startswith(start)}
+@pytest.mark.parametrize("page", PAGES, ids=page_name)
+def test_every_command_is_run_or_listed(page: Path) -> None:
     unclassified = [
-        line for line in lines
+        line for line in command_lines(page.read_text())
         if not line.startswith(PROGRAMS) and not any(line.startswith(s) for s in NOT_RUN)
     ]  # fmt: skip
-    assert unclassified == [], "README commands neither run here nor listed in NOT_RUN"
-    assert listed == set(NOT_RUN), "NOT_RUN names lines the README no longer has"
+    assert unclassified == [], f"{page_name(page)}: commands neither run here nor in NOT_RUN"
 
 
-def test_readme_commands_parse_in_bash_and_keep_brace_patterns(
-    tmp_path: Path, photos: Path, monkeypatch
+def test_not_run_names_only_lines_the_pages_have() -> None:
+    lines = [line for page in PAGES for line in command_lines(page.read_text())]
+    listed = {start for start in NOT_RUN for line in lines if line.startswith(start)}
+    assert listed == set(NOT_RUN), "NOT_RUN names lines no page has any more"
+
+
+def test_the_pages_have_their_commands() -> None:
+    """The blocks below are found at all: a parse that found none would pass them vacuously."""
+    lines = [line for page in PAGES for line in command_lines(page.read_text())]
+    assert sum(line.startswith(PROGRAMS) for line in lines) >= 12, lines
+
+
+@pytest.mark.parametrize("lines", program_blocks())
+def test_commands_parse_in_bash_and_keep_brace_patterns(
+    lines: list[str], tmp_path: Path, photos: Path, monkeypatch
 ) -> None:
-    """In README order, in a folder with the photos the data-tools block reads: each line exits
-    0, and every brace pattern it gives reaches the config (or the rendered job) unchanged."""
+    """In block order, in a folder with the photos the data-tools block reads: each line exits 0,
+    and every brace pattern it gives reaches the config (or the rendered job) unchanged."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("LDM_OUTPUT_DIR", str(tmp_path / "outputs"))
     ran = []
-    for line in command_lines(README.read_text()):
+    for line in lines:
         if not line.startswith(PROGRAMS):
             continue
         for old, new in SUBSTITUTE.items():
@@ -175,6 +235,25 @@ def test_readme_commands_parse_in_bash_and_keep_brace_patterns(
             assert {parsed_value(a) for a in urls} == set(patterns) or not patterns, line
         else:
             run_data(argv)
-        ran.append((argv[0], argv[1].split("=")[0]))
-    assert len(ran) >= 12, ran  # the README's commands, not a parse that found none
-    assert (tmp_path / "shards" / "shard-000009.tar").is_file()  # from-folder wrote what was read
+            if argv[1] == "from-folder":  # `ldm-data from-folder IN OUT`: wrote what it read
+                assert (Path(argv[3]) / "shard-000009.tar").is_file(), line
+        ran.append(line)
+    assert ran, lines
+
+
+@pytest.mark.parametrize("page", PAGES, ids=page_name)
+def test_relative_links_lead_to_a_page_and_heading(page: Path) -> None:
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", outside_code(page.read_text())):
+        if re.match(r"[a-z]+:", target):  # https:, mailto:: not checked offline
+            continue
+        path, _, fragment = target.partition("#")
+        linked = (page.parent / path).resolve() if path else page
+        if not linked.exists() or (fragment and fragment not in anchors(linked)):
+            broken.append(target)
+    assert broken == [], f"{page_name(page)}: links to no page or heading"
+
+
+def test_readme_links_every_docs_page() -> None:
+    linked = set(re.findall(r"\]\((docs/[^)#\s]+)", README.read_text()))
+    assert {page_name(p) for p in PAGES[1:]} <= linked, "a docs/ page the README does not list"
