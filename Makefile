@@ -35,7 +35,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps "hydra-optuna-sweeper==1.3.0"
 	@# Config checks read the targets' signatures from a cache: fill it now, so that even the
 	@# first bad config on this machine fails in about a second (not after importing Lightning).
-	-@$(PY) -m train.signatures 2>/dev/null | tail -1
+	-@$(PY) -m train.config.signatures 2>/dev/null | tail -1
 	touch $@
 
 # Stage 1 trains the autoencoder, stage 2 the text-conditioned UNet in its latent space; then

@@ -19,14 +19,14 @@ import torch
 from hydra.utils import instantiate
 
 from data.shards import write_demo_shards
-from train.cli import compose
-from train.encode import encode
-from train.noise import SampleRNG
+from train.cli.encode import encode
+from train.config.compose import compose
+from train.tasks.rng import SampleRNG
 
 
 def train_rate(cfg, data_overrides: dict, steps: int) -> float:
     module = instantiate(cfg.model).train()
-    opt = torch.optim.AdamW(module.unet.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(module.trainable.parameters(), lr=1e-4)
     loader = instantiate(cfg.data, **data_overrides).train_dataloader()
     samples, start = 0, None
     for i, batch in enumerate(loader):
@@ -68,7 +68,7 @@ def main() -> None:
             f"model.vae.pretrained_model_name_or_path={root / 'vae'}",
         ]
         if args.no_text_cache:
-            overrides.append("model.text_encoder.cache_size=0")
+            overrides.append("model.conditioner.cache_size=0")
         cfg = compose(overrides)
         start = time.perf_counter()
         sizes = encode(cfg, root / "latents", workers=1, batch_size=64, dtype="float16")

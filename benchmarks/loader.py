@@ -24,7 +24,7 @@ from PIL import Image
 
 from data.datamodule import WebDatasetDataModule
 from data.shards import write_demo_shards, write_shards
-from train.noise import SampleRNG
+from train.tasks.rng import SampleRNG
 
 
 def photo_like(rng: np.random.Generator, width: int, height: int) -> Image.Image:
@@ -86,7 +86,7 @@ def latent_shards(out: Path, n: int, hw: int, seq: int = 77, width: int = 768) -
 def tokenizer(max_length: int) -> Any:
     import transformers
 
-    from train.text import minilm_dir
+    from train.models.conditioners.text import minilm_dir
 
     tok = transformers.AutoTokenizer.from_pretrained(minilm_dir())
     tok.model_max_length = max_length
@@ -112,7 +112,7 @@ def demo_training_rate(shards: str, steps: int = 20) -> tuple[float, int]:
     import torch
     from hydra.utils import instantiate
 
-    from train.cli import compose
+    from train.config.compose import compose
 
     cfg = compose(
         [
@@ -125,7 +125,7 @@ def demo_training_rate(shards: str, steps: int = 20) -> tuple[float, int]:
     )
     module = instantiate(cfg.model)
     batch = next(iter(instantiate(cfg.data).train_dataloader()))
-    opt = torch.optim.AdamW(module.unet.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(module.trainable.parameters(), lr=1e-4)
     module.train()
 
     def step() -> None:

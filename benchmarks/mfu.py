@@ -7,7 +7,7 @@ One training step as `ldm-train` runs it from precomputed latents (`data.latents
 forward under bf16 autocast with float32 master weights (Lightning's bf16-mixed), MSE loss,
 backward, fused AdamW step. Latents [B, 4, 32, 32] and text states [B, 77, 1024] are random:
 MFU does not depend on their values. FLOPs per step are counted once with PyTorch's FLOP
-counter (`train.flops`); the peak is Lightning's table for the card (bf16 dense). Prints the
+counter (`train.models.flops`); the peak is Lightning's table for the card (bf16 dense). Prints the
 card, step time, samples/s and MFU; writes benchmarks/results/mfu.json.
 """
 
@@ -24,7 +24,7 @@ from hydra.utils import instantiate
 from lightning.fabric.utilities.throughput import get_available_flops
 from omegaconf import OmegaConf
 
-from train.flops import unet_train_flops
+from train.models.flops import unet_train_flops
 
 CONF = Path(__file__).resolve().parent.parent / "conf" / "model" / "unet"
 RESULTS = Path(__file__).parent / "results"

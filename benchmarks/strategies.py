@@ -3,7 +3,7 @@
     python benchmarks/strategies.py [--steps 40] [--warmup 10] [--strategies ddp ...]
 
 Each strategy trains the demo experiment (its UNet and text encoder, a random-init VAE of the
-stage-1 architecture, global batch 32 = 16 per process) through `train.run.run`, with two gloo
+stage-1 architecture, global batch 32 = 16 per process) through `train.cli.run.run`, with two gloo
 processes started by Lightning's launcher. Rank 0 times optimizer steps after a warm-up (data
 loading included, as in training). Prints a table and the ZeRO-2/DDP and ZeRO-3/DDP ratios,
 and writes benchmarks/results/strategies.json. On CPU the ratios measure the extra
@@ -47,8 +47,8 @@ class StepTimer(L.Callback):
 
 
 def run_one(strategy: str, steps: int, warmup: int, shards: str, out: str) -> None:
-    from train.cli import compose
-    from train.run import run
+    from train.cli.run import run
+    from train.config.compose import compose
 
     cfg = compose(
         [

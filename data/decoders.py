@@ -51,6 +51,9 @@ def _size_tensor(hw: tuple[int, int]) -> torch.Tensor:
     return torch.tensor(hw, dtype=torch.long)
 
 
+# Optional members of encoded shards -> batch keys (`ldm-data encode` writes what it has).
+OPTIONAL_EMBEDDINGS = {"pooled.npy": "pooled_embeds", "emb_mask.npy": "encoder_attention_mask"}
+
 class ImageDecoder:
     """Decode, filter, caption, resize-and-crop (to ``resolution`` or an aspect bucket).
 
@@ -196,6 +199,9 @@ class LatentDecoder:
         try:
             moments = torch.from_numpy(load_npy(raw["latent.npy"]).astype(np.float32))
             hidden = torch.from_numpy(load_npy(raw["emb.npy"]).astype(np.float32))
+            # What a family's conditioner adds: pooled embeddings (SDXL, SD3, Flux), masks.
+            extra = {name: torch.from_numpy(load_npy(raw[member]).astype(np.float32))
+                     for member, name in OPTIONAL_EMBEDDINGS.items() if member in raw}  # fmt: skip
         except Exception as exn:
             self.counter.skip("decode_error", key, repr(exn))
             return None
@@ -203,6 +209,7 @@ class LatentDecoder:
         return {
             "latent_moments": moments,
             "encoder_hidden_states": hidden,
+            **extra,
             "caption": caption,
             "key": key,
         }

@@ -95,7 +95,8 @@ class StatefulLoader(DataLoader):
 def ignore_terminate(worker_id: int) -> None:
     """DataLoader workers ignore SIGTERM: a stop signal sent to the process group (Kubernetes,
     `docker stop`) would otherwise kill them and the step with them, before the training process
-    saves its checkpoint (train.preemption.CheckpointOnTerminate). Workers still end with their
+    saves its checkpoint (train.callbacks.preemption.CheckpointOnTerminate). Workers still end with
+    their
     parent: the loader shuts them down, and they exit when the parent is gone."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 

@@ -152,7 +152,7 @@ def tokenize(tokenizer: Any, captions: list[str]) -> dict[str, torch.Tensor]:
 
 def truncated(tokenizer: Any, captions: list[str]) -> torch.Tensor:
     """Which captions `tokenize` cut to `model_max_length` tokens ([B] bool; counted by
-    train.console_callbacks.CaptionTruncation). Tokenized once more up to one token past the
+    train.callbacks.console.CaptionTruncation). Tokenized once more up to one token past the
     limit: enough to tell, and without the tokenizer's own warning about long sequences."""
     limit = tokenizer.model_max_length
     ids = tokenizer(captions, truncation=True, max_length=limit + 1)["input_ids"]

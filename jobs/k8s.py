@@ -68,7 +68,8 @@ class KubernetesLauncher(Launcher):
         self.run_as_user, self.max_restarts = run_as_user, max_restarts
         self.master_port, self.shm_gb, self.apply = master_port, shm_gb, apply
         # Between the SIGTERM that stops a pod and the SIGKILL: time to finish the step and
-        # write its checkpoint (train.preemption.CheckpointOnTerminate). Kubernetes' default
+        # write its checkpoint (train.callbacks.preemption.CheckpointOnTerminate). Kubernetes'
+        # default
         # of 30 s is short for a multi-GB sharded checkpoint.
         self.grace_seconds = grace_seconds
 
@@ -107,7 +108,8 @@ class KubernetesLauncher(Launcher):
         ]
 
     def env_vars(self, job: Job) -> list[dict[str, Any]]:
-        # Lineage: the run's MLflow tags name the pod and job that ran it (train/lineage.py).
+        # Lineage: the run's MLflow tags name the pod and job that ran it
+        # (train/tracking/lineage.py).
         env: list[dict[str, Any]] = [
             {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
             {"name": "POD_NAMESPACE",

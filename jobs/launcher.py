@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from train.secrets import is_secret_name, literal_secret
+from train.tracking.secrets import is_secret_name, literal_secret
 
 # Keys a launcher sets from its own resources; the same keys given as overrides would disagree.
 LAUNCHER_OWNED = ("trainer.num_nodes", "trainer.devices", "trainer.accelerator", "ckpt_path")

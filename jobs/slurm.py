@@ -18,7 +18,8 @@ class SlurmLauncher(Launcher):
 
     With `requeue`, SLURM sends `signal_name` `signal_seconds` before the time limit (or when a
     preemption is announced); the training run then checkpoints and requeues itself
-    (train/preemption.py), and the requeued job (same SLURM_JOB_ID) resumes into the same run
+    (train/callbacks/preemption.py), and the requeued job (same SLURM_JOB_ID) resumes into the same
+    run
     folder and MLflow run.
     """
 

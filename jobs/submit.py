@@ -27,8 +27,8 @@ LAUNCHERS = "launcher=slurm | k8s | k8s_jobset | k8s_job | local"
 
 def prepare(overrides: list[str]) -> tuple[Launcher, Job]:
     """Compose and check the config, build the launcher, name the job; nothing is submitted."""
-    from train.cli import compose
-    from train.config_check import check_config, early_checks
+    from train.config.checks import check_config, early_checks
+    from train.config.compose import compose
 
     cfg = compose(overrides)
     if cfg.launcher is None:
@@ -47,7 +47,7 @@ def prepare(overrides: list[str]) -> tuple[Launcher, Job]:
 
 def check_no_secrets(text: str) -> None:
     """No value of a secret-named environment variable may end up in a job file."""
-    from train.secrets import secret_values
+    from train.tracking.secrets import secret_values
 
     leaked = [v for v in secret_values() if v in text]
     if leaked:
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="job file (default: <paths.root>/jobs/<name>.*)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for ldm-train")
     args = parser.parse_intermixed_args(argv)  # flags before, between or after the overrides
-    from train.config_check import ConfigError
+    from train.errors import ConfigError
 
     try:
         launcher, job = prepare(args.overrides)

@@ -64,7 +64,7 @@ def _restored_process_state(env: Mapping[str, str] | None, cwd: str | Path | Non
     saved_handlers, saved_level = list(root.handlers), root.level
     saved_threads = torch.get_num_threads()
     # Hydra's app leaves its config in this singleton: a later `run(cfg)` from Python would
-    # take that app's output folder for its own (train.run_files.save_hydra_files).
+    # take that app's output folder for its own (train.config.run_files.save_hydra_files).
     hydra_config = HydraConfig.instance()
     saved_hydra = hydra_config.cfg
     try:

@@ -13,7 +13,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# The tests' own signature cache (train/signatures.py), not the user's.
+# The tests' own signature cache (train/config/signatures.py), not the user's.
 os.environ.setdefault("LDM_CACHE_DIR", tempfile.mkdtemp(prefix="ldm-test-cache-"))
 
 
@@ -33,7 +33,8 @@ def _tiny_run(tmp_path_factory, demo_shards):
     (run_dir, cfg, the CompletedProcess)."""
     from cli_runner import run_cli
 
-    from train.cli import compose, main
+    from train.cli.train import main
+    from train.config.compose import compose
 
     root = tmp_path_factory.mktemp("tiny_run")
     overrides = [f"paths.root={root}", "experiment=tiny", f"data.urls={demo_shards}"]
@@ -64,7 +65,7 @@ def tokenizer():
     """The offline MiniLM WordPiece tokenizer, 32 tokens."""
     import transformers
 
-    from train.text import minilm_dir
+    from train.models.conditioners.text import minilm_dir
 
     tok = transformers.AutoTokenizer.from_pretrained(minilm_dir())
     tok.model_max_length = 32
@@ -74,7 +75,7 @@ def tokenizer():
 @pytest.fixture
 def compose(tmp_path) -> Callable[..., object]:
     """Compose `conf/train.yaml` as `ldm-train` would, writing everything under tmp_path."""
-    from train.cli import compose as compose_train
+    from train.config.compose import compose as compose_train
 
     def _compose(*overrides: str):
         return compose_train([f"paths.root={tmp_path}", *overrides])
@@ -87,7 +88,7 @@ def slurm(tmp_path_factory):
     """A one-node SLURM cluster for this test session (installed with apt if missing), with
     job accounting (slurmdbd + a private MariaDB) so `sacct` works, stopped by the PIDs its
     daemons wrote."""
-    from jobs.slurm_local import down, up
+    from support.slurm_local import down, up
 
     directory = tmp_path_factory.mktemp("slurm")
     cluster = up(directory, accounting=True)

@@ -19,8 +19,7 @@ import traceback
 from collections.abc import Callable
 
 from img2dataset_env import ensure_img2dataset_venv  # beside this script: on sys.path
-
-from jobs.slurm_local import install
+from support.slurm_local import install
 
 
 def build_deepspeed_cpu_ops() -> None:

@@ -19,8 +19,8 @@ from transformers import AutoModel
 
 from data.shapes import render, train_specs
 from data.shards import jpeg_bytes, write_shards
-from train.ldm_module import LatentDiffusion
-from train.run import RUN_ID_FILE, run
+from train.cli.run import RUN_ID_FILE, run
+from train.tasks.latent_diffusion import LatentDiffusion
 
 
 def test_pattern_matching_nothing_fails_before_any_model_is_built(compose, tmp_path, monkeypatch):
@@ -86,7 +86,7 @@ def ldm_train_command() -> list[str]:
     script = Path(sys.executable).with_name("ldm-train")
     if script.is_file():
         return [str(script)]
-    return [sys.executable, "-c", "import sys; from train.cli import main; sys.exit(main())"]
+    return [sys.executable, "-c", "import sys; from train.cli.train import main; sys.exit(main())"]
 
 
 def test_cli_bad_value_exits_2_and_names_the_key(tmp_path, demo_shards):

@@ -23,18 +23,18 @@ from PIL import Image
 
 
 def _data_main() -> None:
-    from data.cli import main
+    from train.cli.data import main
 
     sys.exit(main())  # as the console script's wrapper does with the returned code
 
 
 def _entry(script: str) -> Callable[[], object]:
     from jobs.submit import cli as submit_cli
-    from train.cli import main as train_main
-    from train.evaluate import main as eval_main
-    from train.export import main as export_main
-    from train.mlflow_sync import main as sync_main
-    from train.sample import main as sample_main
+    from train.cli.evaluate import main as eval_main
+    from train.cli.export import main as export_main
+    from train.cli.mlflow_sync import main as sync_main
+    from train.cli.sample import main as sample_main
+    from train.cli.train import main as train_main
 
     return {"ldm-train": train_main, "ldm-data": _data_main, "ldm-export": export_main,
             "ldm-sample": sample_main, "ldm-eval": eval_main,
@@ -71,10 +71,10 @@ CASES = [
     ("ldm-train", ["experiment=tiny", "data.urls=SHARDS", "trainer.max_steps=-5"],
      "trainer.max_steps=-5 is out of range"),
     ("ldm-train", ["experiment=tiny", "data.urls=SHARDS", "data.resolution=64"],
-     "set data.resolution=16 or model.unet.sample_size=32"),
+     "set data.resolution=16 or model.backbone.model.sample_size=32"),
     ("ldm-train", ["experiment=tiny", "data.urls=SHARDS", "model/vae=pretrained",
                    "model.vae.pretrained_model_name_or_path=ROOT/vae"],
-     "VAE downsampling 4); set data.resolution=32 or model.unet.sample_size=4"),
+     "VAE downsampling 4); set data.resolution=32 or model.backbone.model.sample_size=4"),
     ("ldm-train", ["experiment=tiny", "data.urls=ROOT/nocap"], "data.caption_fields=txt"),
     ("ldm-train", ["experiment=tiny", "trainer.max_stepz=3"], "+trainer.max_stepz=3"),
     ("ldm-train", ["experiment=nope"], "Available options in 'experiment': demo"),

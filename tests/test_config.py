@@ -6,7 +6,7 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
-from train.config_check import ConfigError, check_config
+from train.config.checks import ConfigError, check_config
 
 
 def test_every_experiment_composes_and_checks(compose, tmp_path):
@@ -25,8 +25,8 @@ def test_unknown_key_is_named(compose):
 
 
 def test_unknown_constructor_argument_is_named(compose):
-    cfg = compose("experiment=tiny", "+model.unet.bogus_channels=3")
-    with pytest.raises(ConfigError, match=r"model\.unet\.bogus_channels.*takes no argument"):
+    cfg = compose("experiment=tiny", "+model.backbone.model.bogus_channels=3")
+    with pytest.raises(ConfigError, match=r"model\.backbone\.model\.bogus_channels.*takes no argument"):
         check_config(cfg)
 
 
@@ -36,7 +36,7 @@ def test_unknown_constructor_argument_is_named(compose):
         ("trainer.max_steps=abc", "trainer.max_steps"),
         ("model.caption_dropout=high", "model.caption_dropout"),
         ("data.batch_size=1.5", "data.batch_size"),
-        ("model.unet.block_out_channels=[a,b]", "model.unet.block_out_channels"),
+        ("model.backbone.model.block_out_channels=[a,b]", "model.backbone.model.block_out_channels"),
     ],
 )
 def test_wrong_type_is_named(compose, override, key):
@@ -53,9 +53,9 @@ def test_wrong_type_of_root_key_fails_at_composition(compose):
 
 
 def test_missing_required_value_is_named(compose):
-    cfg = compose("experiment=tiny", "model/unet=pretrained")
+    cfg = compose("experiment=tiny", "model/backbone=unet_pretrained")
     with pytest.raises(
-        ConfigError, match=r"model\.unet\.pretrained_model_name_or_path is required"
+        ConfigError, match=r"model\.backbone\.model\.pretrained_model_name_or_path is required"
     ):
         check_config(cfg)
 
@@ -76,8 +76,8 @@ def test_a_cached_check_imports_no_model_code(tmp_path, demo_shards):
 
     script = (
         "import sys\n"
-        "from train.cli import compose\n"
-        "from train.config_check import ConfigError, check_config, early_checks\n"
+        "from train.config.compose import compose\n"
+        "from train.config.checks import ConfigError, check_config, early_checks\n"
         f"cfg = compose(['experiment=tiny', 'data.urls={demo_shards}', 'trainer.max_steps=abc'])\n"
         "early_checks(cfg)\n"
         "try:\n    check_config(cfg)\nexcept ConfigError as e:\n    print(e)\n"

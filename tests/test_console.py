@@ -17,8 +17,8 @@ import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 
-from train.console import NOISE_WARNINGS, quiet_library_noise
-from train.console_callbacks import MAX_LENGTH_KEY, CaptionTruncation, StepProgressBar
+from train.callbacks.console import MAX_LENGTH_KEY, CaptionTruncation, StepProgressBar
+from train.cli.console import NOISE_WARNINGS, quiet_library_noise
 
 # What the libraries printed in a tiny run before: Lightning's adverts, the FLOPs it cannot
 # count, the scheduler config dumped as JSON, the torchvision fallback notes.
@@ -64,7 +64,7 @@ def test_summary_gives_steps_samples_rate_loss_and_wall_time(tiny_run, tiny_run_
 def last_logged(cfg, run_dir: Path, key: str) -> float:
     from mlflow.tracking import MlflowClient
 
-    from train.run_files import RUN_ID_FILE
+    from train.config.run_files import RUN_ID_FILE
 
     client = MlflowClient(tracking_uri=cfg.paths.mlflow_uri)
     history = client.get_metric_history((run_dir / RUN_ID_FILE).read_text().strip(), key)
@@ -152,7 +152,7 @@ def test_collate_marks_captions_longer_than_the_text_encoder_reads(compose):
 
     from data.transforms import Collate, SkipCounter
 
-    tokenizer = instantiate(compose("experiment=tiny").model.text_encoder.tokenizer)
+    tokenizer = instantiate(compose("experiment=tiny").model.conditioner.tokenizer)
     assert tokenizer.model_max_length == 24
     captions = ["a red circle on a white background", " ".join(["a red circle"] * 10)]
     samples = [{"key": str(i), "caption": c} for i, c in enumerate(captions)]

@@ -13,7 +13,6 @@ import pytest
 import torch
 from PIL import Image
 
-from data import cli
 from data.shapes import (
     BACKGROUNDS,
     COLOURS,
@@ -30,6 +29,7 @@ from data.shapes import (
     train_specs,
 )
 from data.shards import ensure_demo_shards, write_demo_shards
+from train.cli import data as cli
 
 
 def _rgb_dist(a: tuple[int, ...], b: tuple[int, ...]) -> float:

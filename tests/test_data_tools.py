@@ -13,10 +13,10 @@ import pytest
 from PIL import Image
 
 from data import folder
-from data.cli import main
 from data.datamodule import WebDatasetDataModule
 from data.shards import jpeg_bytes, write_shards
 from data.sources import iter_raw_samples, resolve_shards
+from train.cli.data import main
 
 # name -> (size, caption or None); sorted by path this is the key order of the shards.
 IMAGES = {

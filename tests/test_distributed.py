@@ -28,7 +28,7 @@ from cli_runner import run_cli
 from img2dataset_env import free_port
 from safetensors.torch import load_file
 
-from train.export import main as export_main
+from train.cli.export import main as export_main
 
 LDM_TRAIN = str(Path(sys.executable).parent / "ldm-train")
 LDM_EXPORT = str(Path(sys.executable).parent / "ldm-export")
@@ -267,7 +267,7 @@ def test_a_global_batch_that_does_not_split_fails_before_training(
 def test_unshardable_module_is_refused_before_training(demo_shards: Path, tmp_path: Path) -> None:
     """The autoencoder stage has no gather path for previews/exports: ZeRO-3 is refused with
     the strategies that work, instead of rank 0 hanging over shards at the first preview."""
-    cmd = [LDM_TRAIN, "experiment=tiny", "model=autoencoder", "~model.unet", "logger=none"]
+    cmd = [LDM_TRAIN, "experiment=tiny", "model=autoencoder", "~model.backbone", "logger=none"]
     cmd += [f"data.urls={demo_shards}", "trainer.devices=2", "strategy=deepspeed_zero3"]
     proc = subprocess.run(cmd, env=run_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
@@ -277,7 +277,7 @@ def test_unshardable_module_is_refused_before_training(demo_shards: Path, tmp_pa
 def test_zero3_partition_round_trip() -> None:
     """How ZeRO-3 slices a parameter (flat, zero-padded, equal pieces in rank order): what
     offline export of EMA shards relies on."""
-    from train.sharding import zero3_partition, zero3_unpartition
+    from train.distributed.sharding import zero3_partition, zero3_unpartition
 
     whole = torch.arange(10.0).reshape(2, 5)
     shards = [zero3_partition(whole, r, 4) for r in range(3)]  # 12 slots, 2 padding zeros

@@ -9,10 +9,10 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from data.cli import main as ldm_data
-from train.cli import compose
-from train.noise import SampleRNG
-from train.run import run
+from train.cli.data import main as ldm_data
+from train.cli.run import run
+from train.config.compose import compose
+from train.tasks.rng import SampleRNG
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,10 @@ import torch
 from diffusers import AutoencoderKL
 from hydra.utils import instantiate
 
-from train.noise import SampleRNG
+from train.tasks.rng import SampleRNG
 
 STEPS = 12  # the loss falls to well under half of its start within ~10 steps on CPU
-AE_OVERRIDES = ("experiment=tiny", "model=autoencoder", "~model.unet")  # tiny sets model.unet.*
+AE_OVERRIDES = ("experiment=tiny", "model=autoencoder", "~model.backbone")  # tiny sets model.backbone.model.*
 
 
 def optimizer_and_schedule(module):
@@ -70,7 +70,7 @@ def test_diffusion_loss_drops_on_a_fixed_batch(compose, demo_shards):
     batch = first_batch(cfg)
     assert batch["pixel_values"].shape == (cfg.data.batch_size, 3, 16, 16)
     vae_before = {k: v.clone() for k, v in module.vae.state_dict().items()}
-    text_before = {k: v.clone() for k, v in module.text_encoder.state_dict().items()}
+    text_before = {k: v.clone() for k, v in module.conditioner.state_dict().items()}
 
     def loss_fn():
         # Fresh generators with the same seeds: the same noise and timesteps every step.
@@ -83,7 +83,7 @@ def test_diffusion_loss_drops_on_a_fixed_batch(compose, demo_shards):
     # Only the UNet learns: the frozen VAE and text encoder come out exactly as they went in.
     for name, value in module.vae.state_dict().items():
         assert torch.equal(value, vae_before[name]), name
-    for name, value in module.text_encoder.state_dict().items():
+    for name, value in module.conditioner.state_dict().items():
         assert torch.equal(value, text_before[name]), name
 
 
@@ -139,7 +139,7 @@ def test_autoencoder_export_sets_scaling_factor_to_one_over_latent_std(compose, 
 def test_autoencoder_starts_near_deterministic() -> None:
     from diffusers import AutoencoderKL
 
-    from train.autoencoder_module import start_near_deterministic
+    from train.tasks.autoencoder import start_near_deterministic
 
     torch.manual_seed(0)
     kw = {"block_out_channels": [16], "norm_num_groups": 16}

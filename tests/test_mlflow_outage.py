@@ -1,6 +1,6 @@
 """Tracker outages: a server absent at start, or killed mid-run and restarted, neither kills nor
 stalls training (exit 0), and afterwards the server holds every metric step exactly once: sent
-by the logger's background sender when the server is back, or by `python -m train.mlflow_sync`.
+by the logger's background sender when the server is back, or by `python -m train.cli.mlflow_sync`.
 
 The end-to-end runs use short client timeouts (MLFLOW_HTTP_REQUEST_*), as in a real outage the
 client's defaults (7 retries, 120 s timeout) would only make the sender's calls longer."""
@@ -23,11 +23,11 @@ from cli_runner import run_cli
 from mlflow import MlflowClient
 from mlflow_server import free_port
 
-from train.cli import main as train_main
-from train.config_check import ConfigError
-from train.mlflow_logger import ResilientMLFlowLogger
-from train.mlflow_spool import SPOOL_TAG, Spool
-from train.mlflow_sync import main, sync
+from train.cli.mlflow_sync import main, sync
+from train.cli.train import main as train_main
+from train.errors import ConfigError
+from train.tracking.logger import ResilientMLFlowLogger
+from train.tracking.spool import SPOOL_TAG, Spool
 
 BIN = Path(sys.executable).parent
 STEPS = 30
@@ -97,7 +97,7 @@ def test_server_absent_at_start_then_synced_then_resumed(tmp_path, demo_shards, 
     assert f"MLflow tracking server {dead} is unreachable" in out
     run_dir = tmp_path / "runs" / "outage_start"
     spool = run_dir / "mlflow_spool"
-    assert f"python -m train.mlflow_sync {spool} --tracking-uri {dead}" in out
+    assert f"python -m train.cli.mlflow_sync {spool} --tracking-uri {dead}" in out
     provisional = (run_dir / "mlflow_run_id").read_text().strip()
     assert provisional.startswith("offline-")
     unacked = shutil.copytree(spool, tmp_path / "spool_before_sync")  # as if a sync crashed
@@ -257,7 +257,7 @@ def test_a_tracker_that_never_answers_does_not_stall_training(tmp_path, caplog):
             logger.log_metrics({"loss": float(step)}, step=step)
         assert time.monotonic() - t0 < 2  # spooled, not sent: ~1 ms a step
         logger.finalize("success")
-    assert "python -m train.mlflow_sync" in caplog.text
+    assert "python -m train.cli.mlflow_sync" in caplog.text
     assert len(Spool(tmp_path / "spool").pending()) == 1 + 200 + 1  # create, metrics, status
 
 
@@ -289,7 +289,7 @@ def test_credentials_in_the_tracking_uri_are_refused(uri, tmp_path, monkeypatch,
     from hydra.utils import instantiate
 
     cfg = compose("experiment=tiny")
-    assert cfg.logger.mlflow._target_ == "train.mlflow_logger.ResilientMLFlowLogger"
+    assert cfg.logger.mlflow._target_ == "train.tracking.logger.ResilientMLFlowLogger"
     assert cfg.logger.mlflow.spool_dir == f"{cfg.paths.run_dir}/mlflow_spool"
     with pytest.raises(Exception, match="MLFLOW_TRACKING_PASSWORD"):
         instantiate(cfg.logger.mlflow)

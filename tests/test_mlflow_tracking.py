@@ -18,7 +18,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from train.run import RUN_ID_FILE, run
+from train.cli.run import RUN_ID_FILE, run
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_STEPS = 4
@@ -31,8 +31,8 @@ THROUGHPUT_WINDOW = "+callbacks.throughput.window_size=2"
 def compose_at(root: Path, *overrides: str):
     from hydra import compose, initialize_config_dir
 
-    from train import config
-    from train.cli import CONFIG_DIR as CONF_DIR
+    from train.config import resolvers as config
+    from train.config.compose import CONFIG_DIR as CONF_DIR
 
     config.register()
     with initialize_config_dir(CONF_DIR, version_base="1.3"):
@@ -107,9 +107,9 @@ def test_params_are_the_flattened_resolved_config(tracked):
     params = client.get_run(run_id).data.params
     assert params["trainer/max_steps"] == str(MAX_STEPS)
     assert params["data/batch_size"] == str(BATCH_SIZE)
-    assert params["model/_target_"] == "train.ldm_module.LatentDiffusion"
+    assert params["model/_target_"] == "train.tasks.latent_diffusion.LatentDiffusion"
     assert params["model/optimizer/lr"] == str(cfg.model.optimizer.lr)
-    assert params["model/unet/block_out_channels"] == "[32, 64]"
+    assert params["model/backbone/model/block_out_channels"] == "[32, 64]"
     assert params["paths/root"] == cfg.paths.root  # resolved, not "${abspath:...}"
     assert not any(k.startswith("hydra") for k in params)
 
@@ -283,7 +283,7 @@ def test_a_resumed_run_registers_a_new_version_and_leaves_the_old_one_as_it_was(
 def test_a_refused_resume_leaves_the_run_and_its_mlflow_record_as_they_were(tracked, resumed):
     """A resume with another batch size cannot continue the data position exactly: it is
     refused before the MLflow run is touched (status, tags, metrics) or any file is written."""
-    from train.config_check import ConfigError
+    from train.errors import ConfigError
 
     cfg, client, run_id, common = tracked
     before = client.get_run(run_id)

@@ -12,8 +12,8 @@ from hydra.utils import instantiate
 from PIL import Image
 
 from data.shards import jpeg_bytes, write_shards
-from train import config
-from train.config_check import check_config
+from train.config import resolvers as config
+from train.config.checks import check_config
 
 CAPTIONS = [f"a photo of my dog number {i}" for i in range(8)]
 
@@ -67,7 +67,7 @@ def test_own_data_preset_is_named_after_the_run_and_previews_its_captions(
 def test_own_data_stage_1_is_named_after_the_run_too(compose, own_shards: Path) -> None:
     cfg = compose("experiment=shards_autoencoder", f"data.urls={own_shards}",
                   "experiment_name=my-vae")  # fmt: skip
-    assert cfg.model._target_ == "train.autoencoder_module.AutoencoderTraining"
+    assert cfg.model._target_ == "train.tasks.autoencoder.AutoencoderTraining"
     assert cfg.paths.run_dir.endswith("/runs/my-vae")  # stage 2 reads runs/my-vae/export
     assert cfg.callbacks.export.register_as == "ldm-my-vae"  # not ldm-demo-autoencoder
     assert cfg.data.batch_size == 16

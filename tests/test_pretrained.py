@@ -13,8 +13,8 @@ from hydra.utils import instantiate
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from train.config_check import check_config
-from train.run import run
+from train.cli.run import run
+from train.config.checks import check_config
 
 CLIP_WIDTH = 32
 CLIP_MAX_LENGTH = 16
@@ -31,23 +31,23 @@ def assert_same_weights(loaded: torch.nn.Module, saved: dict[str, torch.Tensor])
 def test_unet_and_vae_load_from_a_local_folder(compose, tmp_path):
     torch.manual_seed(0)
     tiny = compose("experiment=tiny")
-    unet, vae = instantiate(tiny.model.unet), instantiate(tiny.model.vae)
+    unet, vae = instantiate(tiny.model.backbone.model), instantiate(tiny.model.vae)
     models = tmp_path / "models"
     unet.save_pretrained(models / "unet")
     vae.save_pretrained(models / "vae")
 
     cfg = compose(
         "experiment=tiny",
-        "model/unet=pretrained",
-        f"model.unet.pretrained_model_name_or_path={models}",
+        "model/backbone=unet_pretrained",
+        f"model.backbone.model.pretrained_model_name_or_path={models}",
         "model/vae=pretrained",
         f"model.vae.pretrained_model_name_or_path={models}",
         "model.vae.subfolder=vae",
     )
     check_config(cfg)
-    assert cfg.model.unet._target_ == "diffusers.UNet2DConditionModel.from_pretrained"
+    assert cfg.model.backbone.model._target_ == "diffusers.UNet2DConditionModel.from_pretrained"
     module = instantiate(cfg.model)
-    assert_same_weights(module.unet, unet.state_dict())
+    assert_same_weights(module.trainable, unet.state_dict())
     assert_same_weights(module.vae, vae.state_dict())
     assert module.resolution == 16
 
@@ -114,13 +114,13 @@ def test_clip_text_encoder_trains_exports_and_samples(compose, clip_dir, demo_sh
         "experiment=tiny",
         f"data.urls={demo_shards}",
         "logger=none",
-        "model/text_encoder=clip",
-        f"model.text_encoder.model.pretrained_model_name_or_path={clip_dir}",
-        f"model.unet.cross_attention_dim={CLIP_WIDTH}",
-        f"model.text_encoder.tokenizer.model_max_length={CLIP_MAX_LENGTH}",
+        "model/conditioner=clip",
+        f"model.conditioner.model.pretrained_model_name_or_path={clip_dir}",
+        f"model.backbone.model.cross_attention_dim={CLIP_WIDTH}",
+        f"model.conditioner.tokenizer.model_max_length={CLIP_MAX_LENGTH}",
         "trainer.max_steps=2",
     )
-    assert cfg.model.text_encoder.tokenizer.pretrained_model_name_or_path == str(clip_dir)
+    assert cfg.model.conditioner.tokenizer.pretrained_model_name_or_path == str(clip_dir)
     run(cfg)
 
     export = Path(cfg.paths.run_dir) / "export"

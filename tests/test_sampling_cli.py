@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from train.evaluate import evaluate_export
-from train.sample import load_pipeline, main
+from train.cli.evaluate import evaluate_export
+from train.cli.sample import load_pipeline, main
 
 PROMPTS = (
     "a red circle at the top left on a white background",
@@ -102,7 +102,7 @@ def test_a_long_prompt_gets_one_short_line_of_ours(export, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert [line for line in proc.stderr.splitlines() if "token" in line] == [
         "ldm-sample: prompt 2 is 32 tokens; the text encoder reads the first 24 "
-        "(model.text_encoder.tokenizer.model_max_length at training)"
+        "(model.conditioner.tokenizer.model_max_length at training)"
     ]
     assert "because CLIP" not in proc.stderr and "red circle a red" not in proc.stderr
 

@@ -8,10 +8,9 @@ from diffusers.models.attention_processor import AttnProcessor
 from hydra.utils import instantiate
 from lightning.fabric.utilities.throughput import measure_flops
 
-from train.batching import plan_batch, scaled_lr
-from train.config_check import ConfigError
-from train.flops import unet_train_flops
-from train.noise import SampleRNG, row_offset
+from train.config.batching import plan_batch, scaled_lr
+from train.errors import ConfigError
+from train.tasks.rng import SampleRNG, row_offset
 
 
 @pytest.mark.parametrize(
@@ -74,22 +73,21 @@ def test_a_samples_draws_depend_on_its_row_only() -> None:
 def test_flops_counted_on_meta_equal_a_real_training_step(compose) -> None:
     cfg = compose("experiment=tiny")
     module = instantiate(cfg.model)
-    c = module.unet.config.in_channels
-    latent, context = (c, 4, 4), (module.text_encoder.max_length, module.text_encoder.hidden_size)
-    counted = unet_train_flops(module.unet, 3, latent, context)
-    unet = module.unet
+    unet = module.trainable
+    c = unet.config.in_channels
+    latent = (c, 4, 4)
+    batch = {"key": ["a", "b", "c"], "caption": ["a red circle", "", "a blue square"],
+             "pixel_values": torch.zeros(3, 3, 16, 16)}  # fmt: skip
+    cond = module.batch_conditioning(batch, None)
+    counted = module.backbone.train_flops(3, latent, cond)
     # PyTorch's FLOP counter misses CPU flash attention; the classic processor uses bmm.
     unet.set_attn_processor(AttnProcessor())
     x, t = torch.randn(3, *latent), torch.zeros(3, dtype=torch.long)
-    ctx = torch.randn(3, *context)
     real = measure_flops(
-        unet, lambda: unet(x, t, encoder_hidden_states=ctx).sample, torch.Tensor.sum
+        unet, lambda: unet(x, t, encoder_hidden_states=cond.hidden).sample, torch.Tensor.sum
     )
     assert real == counted > 0
 
-    batch = {"key": ["a", "b", "c"], "pixel_values": torch.zeros(3, 3, 16, 16)}
-    module.on_train_batch_start(batch, 0)
+    module.diffusion_step(batch, SampleRNG.for_rows(0, 0, 0, 3, "cpu"))
     f = 2 ** (len(module.vae.config.block_out_channels) - 1)
-    assert module.flops_per_batch == unet_train_flops(
-        module.unet, 3, (c, 16 // f, 16 // f), context
-    )
+    assert module.flops_per_batch == module.backbone.train_flops(3, (c, 16 // f, 16 // f), cond)

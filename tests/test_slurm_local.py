@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from jobs.slurm_local import LocalSlurm
+from support.slurm_local import LocalSlurm
 
 
 def _submit(cluster: LocalSlurm, out_dir: Path, command: str) -> str:

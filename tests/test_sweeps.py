@@ -15,7 +15,7 @@ import pytest
 from cli_runner import run_cli
 from omegaconf import OmegaConf
 
-from train.sweep import (
+from train.tracking.sweep import (
     PARENT_TAG,
     TRIAL_TAG,
     best_run,
@@ -99,7 +99,7 @@ def check_trials_keep_only_their_weights(root: Path, client, parent, best) -> No
     import torch
     from safetensors.torch import load_file
 
-    from train.export import main as ldm_export
+    from train.cli.export import main as ldm_export
 
     for run_dir in (root / "runs").iterdir():
         assert sorted(p.name for p in run_dir.glob("checkpoints/*")) == ["last.ckpt"]
@@ -115,7 +115,7 @@ def check_trials_keep_only_their_weights(root: Path, client, parent, best) -> No
     assert run_cli(ldm_export, command).returncode == 0
     exported = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
     trained = torch.load(ckpt, weights_only=True)["state_dict"]
-    assert exported and all(torch.equal(w, trained[f"unet.{k}"]) for k, w in exported.items())
+    assert exported and all(torch.equal(w, trained[f"backbone.model.{k}"]) for k, w in exported.items())
 
 
 @pytest.mark.slow
@@ -181,7 +181,7 @@ def test_no_sweep_tags_outside_a_sweep_trial(monkeypatch) -> None:
 def test_sweep_configs_compose(tmp_path) -> None:
     from hydra import compose, initialize_config_dir
 
-    from train.cli import CONFIG_DIR
+    from train.config.compose import CONFIG_DIR
 
     overrides = [f"paths.root={tmp_path}", "experiment=tiny"]
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
@@ -191,7 +191,7 @@ def test_sweep_configs_compose(tmp_path) -> None:
     for cfg in (local, grid, slurm):
         assert cfg.optimized_metric == "val/loss"
         assert cfg.trainer.val_check_interval == cfg.trainer.max_steps
-        assert cfg.hydra.callbacks.mlflow_sweep._target_ == "train.sweep.MLflowSweep"
+        assert cfg.hydra.callbacks.mlflow_sweep._target_ == "train.tracking.sweep.MLflowSweep"
         assert cfg.data.val_urls is None  # the user's held-out shards; checked when it starts
     assert local.hydra.sweeper._target_.endswith("OptunaSweeper")
     assert local.hydra.sweeper.storage == f"sqlite:///{tmp_path}/optuna.db"

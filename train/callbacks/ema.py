@@ -1,0 +1,218 @@
+"""EMA of the UNet's weights, kept in float32 next to whatever shards this rank holds.
+
+diffusers' EMAModel and Lightning's WeightAveraging keep a whole copy of each parameter, which
+under ZeRO-3 and FSDP is an empty placeholder or a flat slice: they would average nothing or
+the wrong thing. This callback averages exactly the tensors this rank owns (`local_tensors`), so
+under sharding the EMA is sharded the same way and costs 4 bytes per owned parameter. Whole EMA
+weights are gathered only for exports, previews and (FSDP) checkpoints, by copying the EMA into
+the live shards for the length of one collective gather.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import lightning as L
+import torch
+
+from train.distributed.sharding import (
+    StateDict,
+    clean_name,
+    full_state_dict,
+    gather_zero3_shards,
+    is_zero3,
+    local_tensors,
+    submodule_prefix,
+    zero3_partition,
+    zero3_unpartition,
+)
+
+
+class EMA(L.Callback):
+    """Exponential moving average of the trainable model's parameters, updated after every
+    optimizer step; exports and previews use it instead of the raw weights.
+
+    The decay ramps up as ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates (diffusers'
+    EMAModel default), so early averages are not dominated by the random initialisation.
+    """
+
+    def __init__(self, decay: float = 0.9999, update_every: int = 1) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"callbacks.ema.decay={decay}: must be in [0, 1)")
+        self.decay, self.update_every = decay, update_every
+        self.updates = 0
+        self.shadow: list[torch.Tensor] | None = None
+        self._pending: dict | None = None
+        self._last_step = -1
+
+    def current_decay(self) -> float:
+        n = self.updates
+        return min(self.decay, (1 + n) / (10 + n))
+
+    def _params(self, pl_module: L.LightningModule) -> list[torch.nn.Parameter]:
+        return list(pl_module.trainable.parameters())
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last_step = trainer.global_step
+        if self.shadow is not None:
+            return
+        local = local_tensors(trainer.strategy, self._params(pl_module))
+        if self._pending is None:
+            self.shadow = [t.detach().float().clone() for t in local]
+        else:
+            self.shadow = restore_shadow(trainer, pl_module, self._pending, local)
+            self._pending = None
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self._last_step:  # accumulating: no optimizer step yet
+            return
+        self._last_step = trainer.global_step
+        if trainer.global_step % self.update_every:
+            return
+        decay = self.current_decay()
+        local = local_tensors(trainer.strategy, self._params(pl_module))
+        for ema, live in zip(self.shadow, local, strict=True):
+            ema.lerp_(live.float(), 1.0 - decay)
+        self.updates += 1
+
+    def full_model_state(
+        self, trainer: L.Trainer, pl_module: L.LightningModule
+    ) -> StateDict | None:
+        """Collective: the trainable model's state with EMA parameters, on global rank 0 (None
+        elsewhere)."""
+        if is_zero3(trainer.strategy):
+            # Small parameters stay whole on every rank under ZeRO-3 (persistence threshold),
+            # so gathering live parameters would miss EMA values swapped into the partitions.
+            return gather_zero3_shards(trainer, pl_module.trainable, self.shadow)
+        local = local_tensors(trainer.strategy, self._params(pl_module))
+        with swapped_in(local, self.shadow):
+            return full_state_dict(trainer, pl_module.trainable)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._trainer = trainer
+
+    def state_dict(self) -> dict:
+        # Lightning asks every rank (trainer.save_checkpoint runs on all), so gathering is safe.
+        trainer = self._trainer
+        saved = shadow_for_checkpoint(trainer, trainer.lightning_module, self)
+        return {"decay": self.decay, "updates": self.updates, **saved}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.updates = int(state["updates"])
+        self._pending = state
+        self.shadow = None
+
+
+def shadow_for_checkpoint(trainer: L.Trainer, pl_module, ema: EMA) -> dict:
+    """What a checkpoint stores: each rank's flat shards under ZeRO-3 (DeepSpeed writes every
+    rank's callback state), else the whole EMA state dict (written by rank 0)."""
+    if ema.shadow is None:
+        return {}
+    if is_zero3(trainer.strategy):
+        names = [clean_name(n) for n, _ in pl_module.trainable.named_parameters()]
+        shapes = [list(p.ds_shape) for _, p in pl_module.trainable.named_parameters()]
+        return {
+            "layout": "zero3",
+            "rank": trainer.global_rank,
+            "world_size": trainer.world_size,
+            "names": names,
+            "shapes": shapes,
+            "shards": [t.cpu() for t in ema.shadow],
+        }
+    state = ema.full_model_state(trainer, pl_module)
+    return {"layout": "full", "state": state} if trainer.is_global_zero else {}
+
+
+def restore_shadow(trainer: L.Trainer, pl_module, saved: dict, local) -> list[torch.Tensor]:
+    """This rank's EMA tensors from a checkpoint's EMA state (see `shadow_for_checkpoint`)."""
+    names = [clean_name(n) for n, _ in pl_module.trainable.named_parameters()]
+    if saved.get("layout") == "zero3":
+        if not is_zero3(trainer.strategy) or saved["world_size"] != trainer.world_size:
+            raise ValueError(
+                f"the checkpoint's EMA is sharded over {saved['world_size']} ZeRO-3 ranks; resume "
+                "it with the same strategy and world size, or export it with ldm-export"
+            )
+        shards = saved["shards"]
+        return [s.to(t.device, torch.float32) for s, t in zip(shards, local, strict=True)]
+    full = saved.get("state")
+    if full is None:
+        raise ValueError("the checkpoint's EMA state is empty: it was saved before any update")
+    whole = {n: full[n] for n in names}  # in parameter order, aligned with `local`
+    return [s.float() for s in shard_like(trainer, whole, local)]
+
+
+def shard_like(trainer: L.Trainer, whole: StateDict, local: list[torch.Tensor]) -> list:
+    """Cut whole UNet tensors (by parameter name, in parameter order) the way this rank's
+    ``local`` tensors are cut."""
+    if is_zero3(trainer.strategy):
+        rank = trainer.global_rank
+        return [
+            zero3_partition(w, rank, t.numel()).to(t.device)
+            for w, t in zip(whole.values(), local, strict=True)
+        ]
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if not isinstance(trainer.strategy, FSDPStrategy):
+        return [w.to(t.device) for w, t in zip(whole.values(), local, strict=True)]
+    # FSDP's flat-parameter layout is private; let FSDP cut the whole tensors into the live
+    # shards, read them out, and put the trained weights back.
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    pl_module = trainer.lightning_module
+    prefix = clean_name(submodule_prefix(pl_module, pl_module.trainable))
+    with preserved(local):
+        full = {f"{prefix}{n}": w for n, w in whole.items()}
+        options = StateDictOptions(full_state_dict=True, strict=False)
+        result = set_model_state_dict(trainer.strategy.model, full, options=options)
+        if result.unexpected_keys:  # strict=False must not mean "loaded nothing"
+            raise ValueError(f"EMA keys not in the model: {sorted(result.unexpected_keys)[:5]}")
+        return [t.detach().clone() for t in local]
+
+
+def ema_from_checkpoint(ckpt: dict) -> StateDict | None:
+    """The whole EMA UNet state stored in a checkpoint (from `load_any_checkpoint`), or None
+    when the run had no EMA. ZeRO-3 checkpoints hold one shard per rank's state file."""
+    saved = _ema_state(ckpt.get("callbacks", {}))
+    if not saved or "layout" not in saved:
+        return None
+    if saved["layout"] == "full":
+        return saved["state"]
+    per_rank = [_ema_state(c) for c in ckpt.get("rank_callbacks", [])]
+    if len(per_rank) != saved["world_size"] or any(not r for r in per_rank):
+        raise ValueError(
+            f"the checkpoint's EMA is sharded over {saved['world_size']} ranks but "
+            f"{len(per_rank)} rank state files hold it; is the checkpoint folder complete?"
+        )
+    per_rank.sort(key=lambda r: r["rank"])
+    return {
+        name: zero3_unpartition([r["shards"][i] for r in per_rank], shape)
+        for i, (name, shape) in enumerate(zip(saved["names"], saved["shapes"], strict=True))
+    }
+
+
+def _ema_state(callbacks: dict) -> dict | None:
+    return next((v for k, v in callbacks.items() if k == EMA.__qualname__), None)
+
+
+@contextlib.contextmanager
+def preserved(live: list[torch.Tensor]) -> Iterator[None]:
+    """Whatever happens to the ``live`` tensors inside, their values are restored after."""
+    backup = [t.detach().clone() for t in live]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for t, b in zip(live, backup, strict=True):
+                t.copy_(b)
+
+
+@contextlib.contextmanager
+def swapped_in(live: list[torch.Tensor], values: list[torch.Tensor]) -> Iterator[None]:
+    """Temporarily copy ``values`` into the ``live`` tensors (restored afterwards, always)."""
+    with preserved(live):
+        with torch.no_grad():
+            for t, v in zip(live, values, strict=True):
+                t.copy_(v)
+        yield

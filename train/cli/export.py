@@ -1,0 +1,132 @@
+"""`ldm-export CKPT OUT`: a checkpoint (file or sharded folder) -> diffusers-layout safetensors."""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from train.errors import BAD_INPUT, ArgumentParser, ConfigError, bad_input, debug_flag
+
+# torch, Hydra, Lightning and diffusers load inside the functions: `check_checkpoint` answers a
+# wrong path in about a second, not after 8 s of imports.
+EXAMPLE = "pass a checkpoint written by ldm-train, e.g. RUN_DIR/checkpoints/last.ckpt"
+
+
+def build_module(model: Any, seed: int) -> Any:
+    """The LightningModule `model` (its config node) describes, built from a fixed RNG state:
+    frozen parts built from config (a random-init VAE, as the tiny configs use) are then the
+    same in training and in every later `ldm-export`, which rebuilds them instead of storing
+    them in checkpoints."""
+    import torch
+    from hydra.utils import instantiate
+
+    torch.manual_seed(seed)
+    return instantiate(model)
+
+
+def module_from_checkpoint(path: str | Path, allow_pickle: bool = False):
+    """Rebuild the LightningModule from the config stored in the checkpoint, then its weights
+    (for tools that need the module; `export_checkpoint` rebuilds from the parts spec instead).
+
+    Also returns the checkpoint's whole EMA state (None without EMA). `path` may be a .ckpt
+    file or a sharded DeepSpeed / FSDP checkpoint folder.
+    """
+    from omegaconf import OmegaConf
+
+    from train.callbacks.ema import ema_from_checkpoint
+    from train.config import resolvers as config
+    from train.tasks.legacy import upgrade
+
+    ckpt = load_checkpoint(path, allow_pickle)
+    config.register()
+    saved = upgrade(ckpt)["ldm_config"]
+    module = build_module(OmegaConf.create(saved["model"]), int(saved.get("seed") or 0))
+    result = module.load_state_dict(ckpt["state_dict"], strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            f"{path} does not match the model its config builds: missing "
+            f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
+        )
+    return module, ema_from_checkpoint(ckpt)
+
+
+def load_checkpoint(path: str | Path, allow_pickle: bool = False) -> dict:
+    from train.distributed.sharding import load_any_checkpoint
+
+    ckpt = load_any_checkpoint(path, allow_pickle)
+    if "ldm_config" not in ckpt:
+        raise ValueError(f"{path} has no 'ldm_config': it was not written by ldm-train")
+    return ckpt
+
+
+def export_checkpoint(
+    ckpt_path: str | Path, out_dir: str | Path, use_ema: bool = True, allow_pickle: bool = False
+) -> Path:
+    """Write the diffusers-layout export of a checkpoint: EMA weights when it has them. Rebuilt
+    from the checkpoint's parts spec (diffusers configs); a checkpoint from before the spec
+    existed goes through its saved config (`train.tasks.legacy`)."""
+    from train.callbacks.ema import ema_from_checkpoint
+    from train.tasks.parts_spec import rebuild_pipeline, trainable_state
+    from train.util import atomic_dir
+
+    ckpt = load_checkpoint(ckpt_path, allow_pickle)
+    if "ldm_parts" not in ckpt:
+        module, ema = module_from_checkpoint(ckpt_path, allow_pickle)
+        module.eval()
+        model = module.model_from_state(ema) if use_ema and ema is not None else None
+        return module.export(out_dir, model)
+    spec = ckpt["ldm_parts"]
+    ema = ema_from_checkpoint(ckpt) if use_ema else None
+    state = ema if ema is not None else trainable_state(spec, ckpt["state_dict"])
+    pipe = rebuild_pipeline(spec, state)
+    with atomic_dir(out_dir) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+    return Path(out_dir)
+
+
+def check_checkpoint(path: str | Path) -> None:
+    """ConfigError unless `path` can be a checkpoint: a zip file (torch.save's format), or a
+    DeepSpeed / FSDP checkpoint folder; an export folder is named as one."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"checkpoint {path} does not exist; {EXAMPLE}")
+    if path.is_dir():
+        if (path / "model_index.json").is_file():
+            raise ConfigError(f"{path} is an export (a diffusers folder), not a checkpoint: "
+                              f"ldm-sample and ldm-eval read it as it is; {EXAMPLE}")  # fmt: skip
+        if not ((path / "latest").is_file() or (path / "checkpoint").is_dir()
+                or (path / "meta.pt").is_file()):  # fmt: skip
+            raise ConfigError(f"{path} is a folder but not a sharded DeepSpeed/FSDP checkpoint "
+                              f"(no 'latest', 'checkpoint/' or 'meta.pt'); {EXAMPLE}")  # fmt: skip
+    elif not zipfile.is_zipfile(path):
+        raise ConfigError(f"{path} is not a checkpoint (not a torch.save zip file); {EXAMPLE}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = ArgumentParser(prog="ldm-export", description=__doc__)
+    parser.add_argument("checkpoint", help="a .ckpt written by ldm-train (e.g. .../last.ckpt)")
+    parser.add_argument("out", help="output folder (replaced atomically if it exists)")
+    parser.add_argument(
+        "--no-ema", action="store_true", help="export the raw weights even if the run kept an EMA"
+    )
+    parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="read a sharded DeepSpeed/FSDP checkpoint folder (its readers unpickle: only for "
+        "checkpoints you trust); .ckpt files never need it",
+    )
+    args = parser.parse_args(argv)
+    with bad_input("ldm-export:", debug_flag(args)):
+        check_checkpoint(args.checkpoint)
+    # ValueError: a folder that needs --allow-pickle, a checkpoint not written by ldm-train.
+    with bad_input("ldm-export:", debug_flag(args), (*BAD_INPUT, ValueError)):
+        try:
+            out = export_checkpoint(args.checkpoint, args.out, not args.no_ema, args.allow_pickle)
+        except pickle.UnpicklingError as e:  # weights_only=True refused a pickled object
+            raise ConfigError(
+                f"{args.checkpoint} cannot be loaded: Weights only load failed (it holds pickled "
+                f"objects, and none is run); {EXAMPLE}"
+            ) from e
+    print(f"exported {args.checkpoint} -> {out}")

@@ -1,0 +1,177 @@
+"""Checks a composed config against the constructors it will call, before anything is built.
+
+Hydra's struct mode rejects unknown override keys, but a YAML file or a `+key=` can still pass a
+keyword the target does not take, and nothing checks value types for `_target_` nodes. Building a
+16-GPU job only to fail on a typo wastes the queue wait, so every `_target_` node is matched with
+its callable's signature here: unknown keywords, values of the wrong type, and local
+`pretrained_model_name_or_path` folders that do not exist fail with the dotted key in the message.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from train.config.run_files import check_fresh_start, checkpoint_dir
+from train.config.signatures import describe, matches, signature
+from train.errors import ConfigError
+
+RESERVED = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}
+__all__ = ["ConfigError", "check_config", "early_checks"]  # ConfigError: where callers import it
+
+
+def check_config(cfg: DictConfig, prefix: str = "", local_paths: bool = True) -> None:
+    """Raise ConfigError for the first bad `_target_` node found in `cfg` (depth first)."""
+    for key in cfg:
+        node = cfg._get_node(key)
+        path = f"{prefix}{key}"
+        if isinstance(node, DictConfig) and not node._is_none():
+            if "_target_" in node:
+                _check_target_node(node, path, local_paths)
+            check_config(node, path + ".", local_paths)
+        elif isinstance(node, ListConfig) and not node._is_none():
+            for i, item in enumerate(node):
+                if isinstance(item, DictConfig):
+                    if "_target_" in item:
+                        _check_target_node(item, f"{path}[{i}]", local_paths)
+                    check_config(item, f"{path}[{i}].", local_paths)
+
+
+def early_checks(
+    cfg: DictConfig, world_size: int | None = None, local_paths: bool = True, run_dir: bool = True
+) -> None:
+    """What can be checked without importing model code (torch, diffusers, Lightning take
+    seconds to import): required values, the data patterns, the tracking URI, a fresh start
+    over an earlier run's checkpoints, and the global batch against the world size. Run first,
+    so the commonest mistakes fail within a second or two."""
+    from train.config.batching import plan_batch
+    from train.config.fit import check_resolution, check_values
+
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{missing[0]} is required (???); set it, e.g. {missing[0]}=<value>")
+    check_values(cfg)
+    data = cfg.get("data") or {}
+    check_data(cfg, local_paths)
+    check_resolution(cfg, local_paths)
+    _check_tracking_uri(cfg)
+    paths = cfg.get("paths") or {}
+    if run_dir and paths.get("run_dir"):
+        problem = check_fresh_start(Path(paths.run_dir), checkpoint_dir(cfg), cfg.get("ckpt_path"))
+        if problem:
+            raise ConfigError(problem)
+    trainer = cfg.get("trainer") or {}
+    devices, nodes = trainer.get("devices"), trainer.get("num_nodes", 1)
+    if world_size is None and isinstance(devices, int) and devices > 0 and isinstance(nodes, int):
+        world_size = devices * nodes
+    batch = cfg.get("batch") or {}
+    if world_size and batch.get("global_size") is not None:
+        accumulation = int(trainer.get("accumulate_grad_batches") or 1)
+        plan_batch(batch.global_size, world_size, batch.get("max_per_device"),
+                   data.get("batch_size", 1), accumulation)  # fmt: skip
+
+
+def check_data(cfg: DictConfig, local_paths: bool = True) -> None:
+    """The data patterns match shards, and (where captions are needed) the first samples of the
+    first local shard have one: else every sample would be skipped, after the model is built."""
+    from data.preflight import caption_problem
+    from data.sources import resolve_shards
+
+    data = cfg.get("data") or {}
+    specs = [("data.urls", data.get("urls")), ("data.val_urls", data.get("val_urls"))]
+    specs += [(f"data.datasets[{i}].urls", d.get("urls"))
+              for i, d in enumerate(data.get("datasets") or [])]  # fmt: skip
+    # Captions feed the text encoder; latent shards carry its output, stage 1 has none.
+    fields = None if data.get("latents") or data.get("tokenizer") is None else data.caption_fields
+    if OmegaConf.is_config(fields):
+        fields = OmegaConf.to_object(fields)
+    for key, urls in specs:
+        if urls is None or not local_paths:
+            continue
+        spec = OmegaConf.to_object(urls) if OmegaConf.is_config(urls) else urls
+        try:
+            shards = resolve_shards(spec)
+        except FileNotFoundError as e:
+            raise ConfigError(str(e).replace("data.urls=", f"{key}=", 1)) from None
+        if fields is not None:
+            problem = caption_problem(key, spec, shards, fields)
+            if problem:
+                raise ConfigError(problem)
+
+
+def _check_tracking_uri(cfg: DictConfig) -> None:
+    """A tracking URI that cannot work is a config error; a server that is merely down is an
+    outage, which the MLflow logger rides out (train/tracking/logger.py)."""
+    from train.tracking.spool import check_tracking_uri
+
+    node = (cfg.get("logger") or {}).get("mlflow")
+    uri = str(node.get("tracking_uri") or "") if node is not None else ""
+    scheme = uri.partition("://")[0]
+    if not uri or scheme in ("sqlite", "file", "databricks", "postgresql", "mysql", "mssql"):
+        return
+    check_tracking_uri(uri)  # credentials in the URI (e.g. from MLFLOW_TRACKING_URI)
+    key = "logger.mlflow.tracking_uri"
+    if scheme not in ("http", "https"):
+        raise ConfigError(
+            f"{key}={uri!r}: unknown scheme; use http(s)://host:port for a "
+            "server, or sqlite:///path/mlflow.db (the default) for a local store"
+        )
+    host = urlsplit(uri).hostname
+    try:
+        socket.getaddrinfo(host, None)
+    except (socket.gaierror, UnicodeError, TypeError):
+        raise ConfigError(
+            f"{key}={uri!r}: host {host!r} does not resolve; fix the URI, or "
+            "drop the override to log to the local SQLite store"
+        ) from None
+
+
+def _check_target_node(node: DictConfig, path: str, local_paths: bool = True) -> None:
+    try:
+        sig = signature(node._target_)
+    except Exception as e:  # noqa: BLE001 - any import failure is a config error here
+        raise ConfigError(f"{path}._target_={node._target_!r} cannot be imported: {e}") from e
+    if sig is None:
+        return  # builtins or unresolvable annotations: nothing to check against
+    for key in node:
+        if key in RESERVED:
+            continue
+        child = f"{path}.{key}"
+        if key not in sig.params:
+            if sig.takes_kwargs:
+                continue
+            raise ConfigError(
+                f"{child}: {node._target_} takes no argument {key!r}; "
+                f"valid keys: {', '.join(k for k in sig.params if k != 'self')}"
+            )
+        value = node._get_node(key)
+        if OmegaConf.is_missing(node, key):
+            raise ConfigError(f"{child} is required (???); set it, e.g. {child}=<value>")
+        if isinstance(value, DictConfig) and "_target_" in value:
+            continue  # built by its own node; checked there
+        plain = (
+            OmegaConf.to_object(value) if isinstance(value, (DictConfig, ListConfig)) else node[key]
+        )
+        if not matches(plain, sig.params[key]):
+            raise ConfigError(
+                f"{child}={plain!r} has type {type(plain).__name__}, but {node._target_} expects "
+                f"{describe(sig.params[key])}"
+            )
+        if key == "pretrained_model_name_or_path" and local_paths:
+            _check_local_path(child, plain)
+
+
+def _check_local_path(key: str, value: Any) -> None:
+    if not isinstance(value, str):
+        return
+    looks_local = value.startswith(("/", "./", "../", "~")) or value.count("/") > 1
+    if looks_local and not Path(value).expanduser().exists():
+        raise ConfigError(
+            f"{key}={value!r}: no such folder. Point it at a diffusers/transformers model folder "
+            "(for the demo VAE, run the autoencoder stage first: ldm-train "
+            "experiment=demo_autoencoder)"
+        )

@@ -1,0 +1,97 @@
+"""Config checks that need no model: numbers in range, and the data resolution against what the
+UNet and VAE generate, from config values (or a local pretrained folder's config.json).
+
+Lightning rejects `trainer.max_steps=-5` and the run rejects a resolution the model does not
+generate, but only once torch, Lightning and the model are built (20-30 s). Here both fail in
+about a second, with the setting and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from train.errors import ConfigError
+
+# (key, smallest value, what to set instead); None values mean "not set" and are not checked.
+BOUNDS: tuple[tuple[str, int | float, str], ...] = (
+    ("trainer.max_steps", -1, "a number of steps >= 1, or -1 to stop by trainer.max_epochs"),
+    ("trainer.max_epochs", -1, "a number of epochs >= 1, or -1 for no limit"),
+    ("trainer.accumulate_grad_batches", 1, "1 or more micro-batches per optimizer step"),
+    ("trainer.log_every_n_steps", 1, "1 or more"),
+    ("data.batch_size", 1, "1 or more samples per device"),
+    ("data.resolution", 1, "the image size in pixels, e.g. data.resolution=256"),
+    ("data.num_workers", 0, "0 (load in the training process) or more worker processes"),
+    ("batch.global_size", 1, "1 or more samples per optimizer step, or null"),
+)
+
+
+def check_values(cfg: DictConfig) -> None:
+    """Counts and sizes below their smallest sensible value; wrong types are left to
+    check_config, which names the type the constructor expects."""
+    for key, low, fix in BOUNDS:
+        value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
+        if isinstance(value, int) and not isinstance(value, bool) and value < low:
+            raise ConfigError(f"{key}={value} is out of range; set {key} to {fix}")
+    lr = OmegaConf.select(cfg, "model.optimizer.lr", default=None)
+    if isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr <= 0:
+        raise ConfigError(f"model.optimizer.lr={lr} must be positive, e.g. model.optimizer.lr=1e-4")
+
+
+def resolution_problem(have: int, sample_size: int, factor: int, pretrained: bool = False) -> str:
+    """The message for data.resolution != UNet sample size x VAE downsampling ('' if it fits):
+    both ways out, since the user may want the data's size rather than the model's."""
+    want = sample_size * factor
+    if have == want:
+        return ""
+    plus = "+" if pretrained else ""
+    other = (
+        f" or {plus}model.backbone.model.sample_size={have // factor} (to train at {have} px)"
+        if have % factor == 0
+        else f" (data.resolution must be a multiple of the VAE downsampling {factor})"
+    )
+    return (
+        f"data.resolution={have} but the model generates {want} px images (model.backbone.model."
+        f"sample_size={sample_size} x VAE downsampling {factor}); set data.resolution={want}{other}"
+    )
+
+
+def check_resolution(cfg: DictConfig, local_paths: bool = True) -> None:
+    """Stage 2 (a backbone over a VAE's latents): data.resolution = the backbone's sample size
+    x 2**(VAE levels-1), for backbones whose config has a sample size."""
+    model = cfg.get("model") or {}
+    have = OmegaConf.select(cfg, "data.resolution", default=None)
+    backbone = OmegaConf.select(cfg, "model.backbone.model", default=None)
+    if not isinstance(have, int) or backbone is None or model.get("vae") is None:
+        return
+    unet = part_config(backbone, local_paths)
+    vae = part_config(model.vae, local_paths)
+    sample_size, blocks = unet.get("sample_size"), vae.get("block_out_channels")
+    if not isinstance(sample_size, int) or not blocks:
+        return  # a hub id, or a part whose config does not say: the run checks it once built
+    pretrained = str(backbone.get("_target_", "")).endswith(".from_pretrained")
+    problem = resolution_problem(have, sample_size, 2 ** (len(blocks) - 1), pretrained)
+    if problem:
+        raise ConfigError(problem)
+
+
+def part_config(node: Any, local_paths: bool = True) -> dict[str, Any]:
+    """A model part's config values: the node's own, or for `X.from_pretrained` the local
+    folder's config.json with the node's overrides on top ({} for hub ids)."""
+    values = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else {}
+    if not isinstance(values, dict):
+        return {}
+    if not str(values.get("_target_", "")).endswith(".from_pretrained"):
+        return values
+    path, subfolder = values.get("pretrained_model_name_or_path"), values.get("subfolder")
+    if not local_paths or not isinstance(path, str):
+        return {}
+    config = Path(path).expanduser() / (subfolder or "") / "config.json"
+    try:
+        saved = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return {}  # not a local folder (a hub id), or unreadable: from_pretrained will say
+    return {**saved, **{k: v for k, v in values.items() if not k.startswith("_")}}

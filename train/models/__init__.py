@@ -1,0 +1,1 @@
+"""The networks a task trains or conditions on: backbones, conditioners, frozen parts."""

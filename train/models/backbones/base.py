@@ -1,0 +1,100 @@
+"""The backbone seam: `prediction = backbone(x_t, t, conditioning)` over a diffusers denoiser.
+
+One adapter per kind of model (UNets, each transformer family). The adapter owns everything that
+depends on the model's call convention, so the task, callbacks, EMA, sharding and export work on
+`backbone.model` (the diffusers model that trains and that the export writes) and never name it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from train.errors import ConfigError
+from train.models.conditioning import Conditioning
+
+
+class Backbone(nn.Module):
+    """Base of the adapters; `model` is the diffusers model (a registered submodule)."""
+
+    # The pipeline's name for the model (its `save_pretrained` subfolder) and pipeline class.
+    component = "unet"
+    pipeline_class = "StableDiffusionPipeline"
+    # Which objectives' schedulers the pipeline can sample with (`Objective.kind`).
+    sampled_by: tuple[str, ...] = ("ddpm",)
+    # The config key of the model's settings, for messages.
+    setting = "model.backbone.model"
+    # Whether the pipeline decodes `latents / scaling_factor + shift_factor` (SD3, Flux): the
+    # VAE config must then set shift_factor, and training subtracts it (as their scripts do).
+    needs_shift_factor = False
+
+    def __init__(self, model: nn.Module, gradient_checkpointing: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        if gradient_checkpointing:
+            model.enable_gradient_checkpointing()
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.model.config.in_channels)
+
+    @property
+    def sample_size(self) -> int:
+        """The latent side it generates by default (pipelines read it)."""
+        return int(self.model.config.sample_size)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        return self.predict(self.model, x_t, t, cond)
+
+    @staticmethod
+    def predict(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning):
+        """`model`'s prediction in the latents' layout: the call convention of its kind (a
+        static method so that FLOP counting can call it on a meta-device copy)."""
+        raise NotImplementedError
+
+    def check(self, latent_channels: int, conditioner: Any, objective: Any) -> None:
+        """ConfigError with the setting to change when the parts cannot work together."""
+        if self.latent_channels != latent_channels:
+            raise ConfigError(
+                f"{self.setting}.in_channels={self.latent_channels} but the VAE has "
+                f"latent_channels={latent_channels}; set {self.setting}.in_channels (and "
+                "out_channels) to the VAE's latent_channels, or use a VAE with "
+                f"{self.latent_channels} latent channels"
+            )
+        if objective.kind not in self.sampled_by:
+            raise ConfigError(
+                f"model.objective is {type(objective).__name__} ({objective.kind}) but "
+                f"{self.pipeline_class} samples only with {' or '.join(self.sampled_by)} "
+                f"schedulers; choose model/objective={self.sampled_by[0]}"
+            )
+
+    def train_flops(self, batch: int, latent: tuple[int, ...], cond: Conditioning) -> int:
+        """FLOPs of one training step (forward + backward) of a micro-batch."""
+        from train.models.flops import train_flops
+
+        return train_flops(self, batch, latent, cond)
+
+    def pipeline_extras(self) -> dict[str, Any]:
+        """Further pipeline constructor arguments (plain values) besides the components."""
+        return {}
+
+    def pipeline_call_kwargs(self) -> dict[str, Any]:
+        """Further pipeline call arguments (besides prompts, steps, guidance, generator, size)
+        that sampling needs, e.g. PixArt's max_sequence_length."""
+        return {}
+
+    def wrap_units(self) -> set[type[nn.Module]]:
+        """The block classes FSDP wraps as units (sharded and gathered one at a time)."""
+        return set()
+
+    def from_state(self, state: dict[str, torch.Tensor]) -> nn.Module:
+        """A plain copy of `model` holding `state` (gathered shards, EMA weights)."""
+        model = type(self.model).from_config(self.model.config)
+        model.load_state_dict(state, strict=True)
+        return model

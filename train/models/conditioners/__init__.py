@@ -1,0 +1,1 @@
+"""Frozen text conditioning: encoders and tokenizers, as the diffusers pipelines use them."""

@@ -1,0 +1,89 @@
+"""Rectified flow (Liu et al. 2023; Esser et al. 2024, SD3) as pure functions plus the objective.
+
+The timestep densities and SD3's loss weightings come from `diffusers.training_utils`; the shift
+and the interpolation are one line each and written here, as diffusers' training scripts do.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.training_utils import (
+    compute_density_for_timestep_sampling,
+    compute_loss_weighting_for_sd3,
+)
+
+from train.objectives.base import Draws, Noised
+
+
+def shift_sigmas(u: torch.Tensor, shift: float) -> torch.Tensor:
+    """Resolution shift s*u / (1 + (s - 1) u) of noise levels (Esser et al. 2024, eq. 23)."""
+    return shift * u / (1.0 + (shift - 1.0) * u)
+
+
+def interpolate(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """x_t = (1 - sigma) x0 + sigma eps, the straight path (Liu et al. 2023)."""
+    s = sigma.view(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
+    return (1.0 - s) * x0 + s * noise
+
+
+def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The flow's velocity eps - x0, what the transformer predicts (Liu et al. 2023)."""
+    return noise - x0
+
+
+class RectifiedFlow:
+    """The rectified-flow objective as SD3 and Flux train it: a timestep density
+    (`logit_normal`, `mode` or `uniform`), a shift, and a loss weighting (`none`, `sigma_sqrt`,
+    `cosmap`); timesteps reach the backbone as sigma * num_train_timesteps."""
+
+    kind = "flow"
+
+    def __init__(
+        self,
+        density: str = "logit_normal",
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+        mode_scale: float = 1.29,
+        shift: float = 1.0,
+        loss_weighting: str = "none",
+        num_train_timesteps: int = 1000,
+        scheduler: dict | None = None,
+        scheduler_class: str = "FlowMatchEulerDiscreteScheduler",
+    ) -> None:
+        if density not in ("logit_normal", "mode", "uniform"):
+            raise ValueError(f"model.objective.density={density!r}: use logit_normal, mode or "
+                             "uniform")  # fmt: skip
+        if loss_weighting not in ("none", "sigma_sqrt", "cosmap"):
+            raise ValueError(f"model.objective.loss_weighting={loss_weighting!r}: use none, "
+                             "sigma_sqrt or cosmap")  # fmt: skip
+        self.density, self.shift, self.loss_weighting = density, shift, loss_weighting
+        self.logit_mean, self.logit_std, self.mode_scale = logit_mean, logit_std, mode_scale
+        self.num_train_timesteps = num_train_timesteps
+        # The sampler the export ships and previews use (a diffusers class name, e.g.
+        # DPMSolverMultistepScheduler with use_flow_sigmas for pipelines that need
+        # init_noise_sigma); FlowMatchEuler's shift is the training shift unless set apart.
+        self.export_scheduler = self.preview_scheduler = scheduler_class
+        shift_key = {"shift": shift} if scheduler_class.startswith("FlowMatch") else {}
+        self.scheduler_kwargs = {**shift_key, **(scheduler or {})}
+
+    def draw(self, x0: torch.Tensor, rng: Draws) -> Noised:
+        noise = rng.randn(tuple(x0.shape[1:]), x0.dtype)
+        u = torch.cat([self._density(g, rng.device) for g in rng.generators])
+        return self.at_levels(x0, noise, u)
+
+    def _density(self, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        # One sample per generator: every sample's level comes from its own stream.
+        return compute_density_for_timestep_sampling(
+            self.density, 1, self.logit_mean, self.logit_std, self.mode_scale,
+            device=device, generator=generator,
+        )  # fmt: skip
+
+    def at_levels(self, x0: torch.Tensor, noise: torch.Tensor, u: torch.Tensor) -> Noised:
+        sigma = shift_sigmas(u.to(x0.device, torch.float32), self.shift)
+        weights = compute_loss_weighting_for_sd3(self.loss_weighting, sigma)
+        x_t = interpolate(x0, noise, sigma)
+        t = sigma * self.num_train_timesteps
+        return Noised(x_t, t, velocity_target(x0, noise), weights.float())
+
+    def scheduler_config(self) -> dict:
+        return {"num_train_timesteps": self.num_train_timesteps, **self.scheduler_kwargs}

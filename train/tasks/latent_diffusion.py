@@ -1,0 +1,279 @@
+"""Stage 2: a LightningModule training a denoiser in a frozen VAE's latent space.
+
+One generic step for every family: encode (VAE latents, text conditioning) -> objective (noise,
+timesteps, target) -> backbone (prediction) -> loss. What differs between SD 1.x, SDXL and the
+transformers lives in the three seams it holds: `backbone`, `conditioner`, `objective`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from diffusers import AutoencoderKL
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from PIL import Image
+from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel
+
+from train.errors import ConfigError
+from train.models.backbones.base import Backbone
+from train.models.conditioning import Conditioning
+from train.models.parts import FrozenParts, vae_scale_factor
+from train.objectives.base import per_sample_mse, stratified_levels, weighted_mse
+from train.tasks import pipelines
+from train.tasks.optim import OptimizerFactory, SchedulerFactory, optimizer_config
+from train.tasks.rng import SampleRNG, row_offset
+from train.tasks.validation import FixedLevelLoss, rows_of_rank, select_rows
+
+VALIDATION_STEP = -1  # the "step" key of validation draws: apart from every training step
+
+
+class LatentDiffusion(L.LightningModule):
+    """Frozen AutoencoderKL and text conditioner, trainable backbone (Rombach et al. 2022)."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        vae: AutoencoderKL,
+        conditioner: Any,
+        objective: Any,
+        optimizer: OptimizerFactory,
+        lr_scheduler: SchedulerFactory | None = None,
+        caption_dropout: float = 0.1,
+        noise_seed: int = 0,
+        validation_levels: int = 8,
+    ) -> None:
+        super().__init__()
+        backbone.check(int(vae.config.latent_channels), conditioner, objective)
+        check_shift_factor(backbone, vae)
+        self.backbone = backbone
+        # The frozen parts are kept out of the module tree, so DDP, FSDP and DeepSpeed wrap,
+        # shard and checkpoint only what trains, and every rank holds a whole VAE and text
+        # encoder (ZeRO-3 would otherwise gather them on every forward). `_apply` moves them.
+        self._frozen = FrozenParts(vae, conditioner)
+        self.objective = objective
+        self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
+        self.caption_dropout, self.noise_seed = caption_dropout, noise_seed
+        vae.requires_grad_(False).eval()
+        conditioner.requires_grad_(False)
+        self._val = FixedLevelLoss(validation_levels)
+        self._flops: dict[tuple, int] = {}
+        self.flops_per_batch: int | None = None
+
+    @property
+    def trainable(self) -> nn.Module:
+        """The diffusers model that trains: what EMA, sharding, clipping and export address."""
+        return self.backbone.model
+
+    @property
+    def vae(self) -> AutoencoderKL:
+        return self._frozen.vae
+
+    @property
+    def conditioner(self) -> Any:
+        return self._frozen.conditioner
+
+    @property
+    def tokenizer(self) -> Any:
+        return getattr(self.conditioner, "tokenizer", None)
+
+    def _apply(self, fn, recurse: bool = True):
+        # .to()/.cuda()/.half() reach the unregistered frozen parts too.
+        super()._apply(fn, recurse)
+        if recurse:
+            self.vae._apply(fn)
+            self.conditioner._apply(fn)
+        return self
+
+    def on_fit_start(self) -> None:
+        # FSDP moves only the parameters it wraps; the frozen parts follow the root device.
+        device = self.trainer.strategy.root_device
+        self.vae.to(device)
+        self.conditioner.to(device)
+
+    @property
+    def latent_scale(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    @property
+    def latent_shift(self) -> float:
+        """The VAE's latent mean (SD3's and Flux's VAEs set one; SD's have none)."""
+        return float(self.vae.config.get("shift_factor") or 0.0)
+
+    @property
+    def resolution(self) -> int:
+        return self.backbone.sample_size * vae_scale_factor(self.vae)
+
+    def train(self, mode: bool = True) -> LatentDiffusion:
+        super().train(mode)
+        self.vae.eval()  # frozen parts never switch to train mode
+        self.conditioner.train(False)
+        return self
+
+    def caption_drop_mask(self, rng: SampleRNG) -> torch.Tensor | None:
+        """Which captions become the empty prompt (Ho & Salimans 2022, CFG); None when none can
+        (evaluation, or no dropout)."""
+        if not self.training or self.caption_dropout <= 0:
+            return None
+        return rng.rand() < self.caption_dropout
+
+    def batch_latents(self, batch: dict, rng: SampleRNG) -> torch.Tensor:
+        """Scaled latents [B, C, h, w] sampled from the VAE posterior: precomputed moments when
+        the batch has them (``ldm-data encode`` shards), else by encoding ``pixel_values``."""
+        if "latent_moments" in batch:
+            posterior = DiagonalGaussianDistribution(batch["latent_moments"].to(self.vae.dtype))
+        else:
+            with torch.no_grad():
+                pixels = batch["pixel_values"].to(self.vae.dtype)
+                posterior = self.vae.encode(pixels).latent_dist
+        eps = rng.randn(tuple(posterior.mean.shape[1:]), posterior.mean.dtype)
+        # (z - shift) * scale: what the pipelines' decode (z / scale + shift) inverts.
+        return (posterior.mean + posterior.std * eps - self.latent_shift) * self.latent_scale
+
+    def batch_conditioning(self, batch: dict, rng: SampleRNG | None) -> Conditioning:
+        """The conditioner's output with caption dropout, plus SDXL's size micro-conditioning
+        from the batch when the data provides it."""
+        drop = self.caption_drop_mask(rng) if rng is not None else None
+        cond = self.conditioner.encode(batch, drop)
+        return cond.with_sizes(batch_sizes(batch, cond.hidden))
+
+    def diffusion_step(self, batch: dict, rng: SampleRNG) -> torch.Tensor:
+        """The training loss of one micro-batch; every random draw comes from ``rng``."""
+        x0 = self.batch_latents(batch, rng)
+        cond = self.batch_conditioning(batch, rng)
+        noised = self.objective.draw(x0, rng)
+        self._count_flops(x0, cond)
+        prediction = self.backbone(noised.x_t.to(self.dtype), noised.timesteps, cond)
+        return weighted_mse(prediction, noised.target, noised.weights)
+
+    def _count_flops(self, x0: torch.Tensor, cond: Conditioning) -> None:
+        # Lightning's ThroughputMonitor reads `flops_per_batch` for its MFU metric.
+        key = (tuple(x0.shape), *(tuple(v.shape) for v in cond.to_dict().values()))
+        if key not in self._flops:
+            self._flops[key] = self.backbone.train_flops(len(x0), tuple(x0.shape[1:]), cond)
+        self.flops_per_batch = self._flops[key]
+
+    def training_rng(self, batch_size: int, batch_idx: int) -> SampleRNG:
+        """Draws for this micro-batch keyed by (seed, step, row in the global batch)."""
+        trainer = self.trainer
+        first = row_offset(
+            trainer.global_rank,
+            trainer.world_size,
+            batch_idx % trainer.accumulate_grad_batches,
+            batch_size,
+        )
+        return SampleRNG.for_rows(
+            self.noise_seed, trainer.global_step, first, batch_size, self.device
+        )
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        n = len(batch["key"])
+        loss = self.diffusion_step(batch, self.training_rng(n, batch_idx))
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._val.reset(self.device)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Unweighted MSE at fixed, stratified noise levels with noise seeded per sample, each
+        rank scoring its share of the batch: the same number on any world size."""
+        n = len(batch["key"])
+        rows = rows_of_rank(batch_idx * n, n, self.global_rank, self.trainer.world_size)
+        if len(rows) == 0:
+            return
+        sub = select_rows(batch, rows - batch_idx * n, n)
+        rng = SampleRNG([SampleRNG.seed_of(self.noise_seed, VALIDATION_STEP, int(r))
+                         for r in rows], self.device)  # fmt: skip
+        x0 = self.batch_latents(sub, rng)
+        cond = self.batch_conditioning(sub, None)
+        levels = stratified_levels(rows, self._val.bins)
+        noise = rng.randn(tuple(x0.shape[1:]), x0.dtype)
+        noised = self.objective.at_levels(x0, noise, levels)
+        prediction = self.backbone(noised.x_t.to(self.dtype), noised.timesteps, cond)
+        self._val.add(per_sample_mse(prediction, noised.target), rows)
+
+    def on_validation_epoch_end(self) -> None:
+        sums, counts = self._val.reduced(self.trainer.strategy)
+        if counts.sum() == 0:
+            return
+        self.log("val/loss", float(sums.sum() / counts.sum()), prog_bar=True, sync_dist=False)
+        for i in range(self._val.bins):
+            if counts[i] > 0:
+                self.log(f"val/loss_level{i}", float(sums[i] / counts[i]), sync_dist=False)
+
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ) -> None:
+        model = self.trainer.strategy.model
+        if gradient_clip_val and isinstance(model, FullyShardedDataParallel):
+            if gradient_clip_algorithm not in (None, "norm"):
+                raise ValueError("under FSDP only trainer.gradient_clip_algorithm=norm works")
+            # Lightning's FSDP plugin refuses norm clipping; FSDP's own sums over all shards.
+            model.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def configure_optimizers(self):
+        params = [p for p in self.trainable.parameters() if p.requires_grad]
+        return optimizer_config(params, self.optimizer_factory, self.lr_scheduler_factory)
+
+    def model_from_state(self, state: dict[str, torch.Tensor]) -> nn.Module:
+        """A plain copy of the trainable model holding ``state`` (e.g. gathered from shards, or
+        EMA weights), on this module's device."""
+        model = self.backbone.from_state(state)
+        return model.to(device=self.vae.device, dtype=self.vae.dtype).eval()
+
+    def pipeline(self, scheduler: Any = None, model: nn.Module | None = None) -> Any:
+        """The family's diffusers pipeline over this module's components (shared, not copied);
+        ``model`` replaces the trained one (gathered or EMA weights)."""
+        return pipelines.build(self, scheduler, model)
+
+    @torch.no_grad()
+    def preview(
+        self,
+        batch: dict | None,
+        prompts: list[str] | None = None,
+        seed: int = 0,
+        num_inference_steps: int = 25,
+        guidance_scale: float = 4.0,
+        model: nn.Module | None = None,
+    ) -> Image.Image:
+        """A grid of samples for `prompts` (or the batch's captions) from diffusers' pipeline."""
+        prompts = prompts or list(batch["caption"])[:8]
+        return pipelines.preview(self, prompts, seed, num_inference_steps, guidance_scale, model)
+
+    def export(self, out_dir: str | Path, model: nn.Module | None = None) -> Path:
+        """Write a diffusers-layout folder (safetensors); replaces `out_dir` atomically.
+        ``model``: the weights to write instead of the live ones (gathered shards, EMA)."""
+        return pipelines.export(self, out_dir, model)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # What ldm-export rebuilds the pipeline from: the diffusers configs, not our classes.
+        from train.tasks.parts_spec import describe
+
+        checkpoint["ldm_parts"] = describe(self)
+
+
+def check_shift_factor(backbone: Backbone, vae: AutoencoderKL) -> None:
+    """ConfigError when the backbone's pipeline decodes with a shift_factor the VAE lacks
+    (decoding would fail at the first preview, after training started)."""
+    if backbone.needs_shift_factor and vae.config.get("shift_factor") is None:
+        raise ConfigError(
+            f"{backbone.pipeline_class} decodes latents / scaling_factor + shift_factor but the "
+            "VAE's shift_factor is null; set model.vae.shift_factor (0.0 for a VAE trained "
+            "here; SD3's and Flux's VAEs ship theirs)"
+        )
+
+
+def batch_sizes(batch: dict, like: torch.Tensor) -> torch.Tensor | None:
+    """SDXL micro-conditioning [B, 6] (original h, w; crop top, left; target h, w) from the
+    batch's ``original_size``, ``crop_top_left`` and ``target_size`` (Podell et al. 2023, 2.2)."""
+    keys = ("original_size", "crop_top_left", "target_size")
+    if not all(k in batch for k in keys):
+        return None
+    parts = [torch.as_tensor(batch[k], device=like.device).reshape(len(like), 2) for k in keys]
+    return torch.cat(parts, dim=1).to(like.dtype)

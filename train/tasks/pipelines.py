@@ -1,0 +1,76 @@
+"""The family's diffusers pipeline over a LatentDiffusion's parts: previews and exports.
+
+The backbone names the pipeline class and its component name, the conditioner its text
+encoders and tokenizers, the objective its schedulers; this module only puts them together.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import torch
+from PIL import Image
+
+from train.util import atomic_dir, image_grid
+
+
+def scheduler_of(objective: Any, name: str) -> Any:
+    return getattr(diffusers, name).from_config(objective.scheduler_config())
+
+
+def build(module: Any, scheduler: Any = None, model: torch.nn.Module | None = None) -> Any:
+    """The pipeline (components shared, not copied); `model` replaces the trained one."""
+    backbone = module.backbone
+    parts = {
+        backbone.component: model if model is not None else backbone.model,
+        "vae": module.vae,
+        **module.conditioner.pipeline_parts(),
+        "scheduler": scheduler
+        or scheduler_of(module.objective, module.objective.preview_scheduler),
+        **backbone.pipeline_extras(),
+    }
+    pipe = getattr(diffusers, backbone.pipeline_class)(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def preview(
+    module: Any,
+    prompts: list[str],
+    seed: int,
+    steps: int,
+    guidance_scale: float,
+    model: torch.nn.Module | None = None,
+) -> Image.Image:
+    """A grid of samples for `prompts`, the trained model in eval mode meanwhile."""
+    trained = module.trainable
+    was_training = trained.training
+    trained.eval()
+    try:
+        size = module.resolution
+        images = build(module, model=model)(
+            prompts,
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            generator=torch.Generator(device="cpu").manual_seed(seed),
+            output_type="pil",
+            height=size,
+            width=size,
+            **module.backbone.pipeline_call_kwargs(),
+            **getattr(module.conditioner, "pipeline_call_kwargs", dict)(),
+        ).images
+    finally:
+        trained.train(was_training)
+    return image_grid(images)
+
+
+def export(module: Any, out_dir: str | Path, model: torch.nn.Module | None = None) -> Path:
+    """Write the diffusers folder (safetensors) with the objective's export scheduler;
+    replaces `out_dir` atomically."""
+    scheduler = scheduler_of(module.objective, module.objective.export_scheduler)
+    with atomic_dir(out_dir) as tmp:
+        build(module, scheduler, model).save_pretrained(tmp, safe_serialization=True)
+    return Path(out_dir)
