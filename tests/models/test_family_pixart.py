@@ -215,3 +215,34 @@ def test_bad_settings_fail_before_training(compose, demo_shards, overrides, name
     if "objective" in overrides[0]:
         assert "model/objective=flow_pixart" in str(error)
     assert not (Path(cfg.paths.run_dir) / "checkpoints").exists()
+
+
+def test_the_t5_conditioner_preset_from_a_folder(compose, demo_shards, tmp_path):
+    """model/conditioner=pixart_t5 (the real models' T5 encoder) from a local folder laid out
+    like the hub one, with a tiny random T5: training's conditioning is the pipeline's, and the
+    run exports a PixArt pipeline holding that encoder."""
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+    from train.models.conditioners.tiny_tokenizers import tiny_t5_tokenizer
+
+    tok = T5Tokenizer.from_pretrained(tiny_t5_tokenizer())
+    tok.save_pretrained(tmp_path / "t5" / "tokenizer")
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+                      relative_attention_num_buckets=8, decoder_start_token_id=0)  # fmt: skip
+    T5EncoderModel(config).save_pretrained(tmp_path / "t5" / "text_encoder")
+    cfg = pixart(compose, demo_shards, "model/conditioner=pixart_t5",
+                 f"model.conditioner.model.pretrained_model_name_or_path={tmp_path / 't5'}",
+                 "model.conditioner.tokenizer.model_max_length=16",
+                 "model.backbone.model.caption_channels=32", "trainer.max_steps=2")  # fmt: skip
+    module = build_module(cfg.model, cfg.seed)
+    with torch.no_grad():
+        embeds, mask, _, _ = module.pipeline().encode_prompt(
+            PROMPTS, do_classifier_free_guidance=False, max_sequence_length=16
+        )
+        cond = module.conditioner.encode({"caption": PROMPTS}, None)
+    assert torch.equal(cond.mask, mask) and torch.allclose(cond.hidden, embeds, atol=1e-6)
+    run(cfg)
+    pipe = DiffusionPipeline.from_pretrained(Path(cfg.paths.run_dir) / "export")
+    assert type(pipe.text_encoder).__name__ == "T5EncoderModel"
+    assert call_kwargs(pipe)["max_sequence_length"] == 16
