@@ -167,6 +167,15 @@ def npy_shape(data: bytes) -> tuple[int, ...]:
     return tuple(shape)
 
 
+def encoded_sizes(raw: Raw) -> dict[str, torch.Tensor]:
+    """SDXL's micro-conditioning fields from an encoded shard's ``sizes.npy`` ({} without it:
+    shards encoded before it was written)."""
+    if "sizes.npy" not in raw:
+        return {}
+    sizes = torch.from_numpy(load_npy(raw["sizes.npy"]).astype(np.int64))
+    return {"original_size": sizes[0:2], "crop_top_left": sizes[2:4], "target_size": sizes[4:6]}
+
+
 class LatentDecoder:
     """Samples of ``ldm-data encode`` shards: ``latent_moments`` [2C, h, w] (the VAE posterior's
     mean and log-variance), ``encoder_hidden_states`` [L, D], ``caption``, ``key``."""
@@ -210,6 +219,7 @@ class LatentDecoder:
             "latent_moments": moments,
             "encoder_hidden_states": hidden,
             **extra,
+            **encoded_sizes(raw),
             "caption": caption,
             "key": key,
         }

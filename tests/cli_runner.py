@@ -138,3 +138,13 @@ def _repoint_console_handlers(streams: dict) -> dict:
         if isinstance(handler, logging.StreamHandler) and stream in streams:
             moved[handler] = handler.setStream(streams[stream])
     return moved
+
+
+def run_env(root: Path) -> dict[str, str]:
+    """This process's environment, with outputs (MLflow store included) under ``root``.
+
+    MLflow's `set_tracking_uri` exports MLFLOW_TRACKING_URI, so an in-process run of an earlier
+    test would otherwise send these subprocesses' runs to that test's store.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return env | {"LDM_OUTPUT_DIR": str(root), "OMP_NUM_THREADS": "1"}

@@ -25,7 +25,7 @@ import yaml
 from cli_runner import run_cli
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 # The README and the reference pages it links to; a new page is picked up without listing it.
 PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
@@ -36,13 +36,13 @@ NOT_RUN = {
     "make demo": "the demo itself: sets up .venv and trains both stages (minutes)",
     "make test": "the suite itself",
     "torchrun --nnodes=2": "two nodes and a rendezvous host",
-    "srun --nodes=2": "a SLURM allocation (tests/test_slurm_jobs.py runs srun on a local cluster)",
+    "srun --nodes=2": "a SLURM allocation (tests/jobs/test_slurm_jobs.py runs srun locally)",
     "export SLURM_CONF=": "the local cluster's config: only the cluster commands below read it",
-    "squeue; scancel": "a running job on the local cluster (tests/test_slurm_jobs.py)",
-    "sacct -j": "a finished job on the local cluster (tests/test_slurm_jobs.py)",
+    "squeue; scancel": "a running job on the local cluster (tests/jobs/test_slurm_jobs.py)",
+    "sacct -j": "a finished job on the local cluster (tests/jobs/test_slurm_jobs.py)",
     "python -m support.slurm_local down": "stops a local cluster this test never starts",
-    "ldm-export outputs/runs/demo/": "a trained checkpoint (tests/test_sampling_cli.py)",
-    "ldm-sample /tmp/my-export": "an export (tests/test_sampling_cli.py)",
+    "ldm-export outputs/runs/demo/": "a trained checkpoint (tests/cli/test_sampling_cli.py)",
+    "ldm-sample /tmp/my-export": "an export (tests/cli/test_sampling_cli.py)",
 }
 # Placeholders made real for this machine (applied to the line before bash reads it).
 SUBSTITUTE = {

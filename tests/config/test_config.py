@@ -26,7 +26,8 @@ def test_unknown_key_is_named(compose):
 
 def test_unknown_constructor_argument_is_named(compose):
     cfg = compose("experiment=tiny", "+model.backbone.model.bogus_channels=3")
-    with pytest.raises(ConfigError, match=r"model\.backbone\.model\.bogus_channels.*takes no argument"):
+    match = r"model\.backbone\.model\.bogus_channels.*takes no argument"
+    with pytest.raises(ConfigError, match=match):
         check_config(cfg)
 
 
@@ -36,7 +37,7 @@ def test_unknown_constructor_argument_is_named(compose):
         ("trainer.max_steps=abc", "trainer.max_steps"),
         ("model.caption_dropout=high", "model.caption_dropout"),
         ("data.batch_size=1.5", "data.batch_size"),
-        ("model.backbone.model.block_out_channels=[a,b]", "model.backbone.model.block_out_channels"),
+        ("model.backbone.model.layers_per_block=[a,b]", "model.backbone.model.layers_per_block"),
     ],
 )
 def test_wrong_type_is_named(compose, override, key):

@@ -1,6 +1,6 @@
 """Uneven shards across DDP ranks and workers, and exact mid-epoch resume after a SIGKILL.
 
-Both run real Lightning processes (``tests/scripts/data_run.py``): DDP over gloo with 2 ranks
+Both run real Lightning processes (``tests/data/scripts/data_run.py``): DDP over gloo with 2 ranks
 × 2 workers, and a single process killed mid-epoch and resumed from its last checkpoint.
 """
 

@@ -15,25 +15,31 @@ from train.config.compose import compose
 from train.tasks.rng import SampleRNG
 
 
-@pytest.fixture(scope="module")
-def encoded(tmp_path_factory: pytest.TempPathFactory, demo_shards: Path) -> tuple[list, Path]:
-    root = tmp_path_factory.mktemp("latents")
-    tiny = compose([f"paths.root={root}", "experiment=tiny", f"data.urls={demo_shards}"])
+def encode(
+    root: Path, demo_shards: Path, experiment: str, *extra: str
+) -> tuple[list, Path]:
+    tiny = compose([f"paths.root={root}", f"experiment={experiment}", f"data.urls={demo_shards}"])
     vae_dir = root / "vae"
     torch.manual_seed(0)
     instantiate(tiny.model.vae).save_pretrained(vae_dir)
     overrides = [
         f"paths.root={root}",
-        "experiment=tiny",
+        f"experiment={experiment}",
         f"data.urls={demo_shards}",
         "model/vae=pretrained",
         f"model.vae.pretrained_model_name_or_path={vae_dir}",
         "logger=none",
+        *extra,
     ]
     out = root / "encoded"
     args = ["encode", str(out), *overrides, "--dtype", "float32", "--batch-size", "8"]
     assert ldm_data(args) == 0
     return overrides, out
+
+
+@pytest.fixture(scope="module")
+def encoded(tmp_path_factory: pytest.TempPathFactory, demo_shards: Path) -> tuple[list, Path]:
+    return encode(tmp_path_factory.mktemp("latents"), demo_shards, "tiny")
 
 
 def _first_batch(datamodule) -> dict:
@@ -68,6 +74,32 @@ def test_latent_loss_equals_online_loss(encoded: tuple[list, Path], training: bo
         rng = SampleRNG.for_rows(1, 0, 0, len(batch["key"]), "cpu")  # caption dropout too
         losses.append(module.diffusion_step(batch, rng))
     assert torch.isfinite(losses[0])
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+
+
+def test_sdxl_latents_carry_pooled_embeddings_and_sizes(
+    tmp_path_factory: pytest.TempPathFactory, demo_shards: Path
+) -> None:
+    """Two encoders' hidden states, the pooled embedding and the micro-conditioning sizes
+    (cropped at encode time) come back from the shards: the loss equals online encoding's."""
+    root = tmp_path_factory.mktemp("sdxl")
+    torch.manual_seed(0)  # trained encoders stand-in: saved once, loaded by both sides
+    node = compose(["experiment=sdxl_tiny"]).model.conditioner
+    for name in ("text_encoder_1", "text_encoder_2", "tokenizer_1", "tokenizer_2"):
+        folder = {"text_encoder_1": "text_encoder", "tokenizer_1": "tokenizer"}.get(name, name)
+        instantiate(node[name]).save_pretrained(root / "text" / folder)
+    overrides, out = encode(root, demo_shards, "sdxl_tiny", "model/conditioner=sdxl",
+                            f"model.conditioner.text_encoder_1.pretrained_model_name_or_path="
+                            f"{root / 'text'}")  # fmt: skip
+    cfg = compose([*overrides, "data.shuffle_buffer=0", "model.caption_dropout=0.5"])
+    online = _first_batch(instantiate(cfg.data))
+    latent = _first_batch(instantiate(cfg.data, urls=str(out), latents=True))
+    assert latent["pooled_embeds"].shape[0] == len(latent["key"])
+    for key in ("original_size", "crop_top_left", "target_size"):
+        assert torch.equal(latent[key], online[key]), key
+    module = instantiate(cfg.model).train()
+    losses = [module.diffusion_step(b, SampleRNG.for_rows(1, 0, 0, len(b["key"]), "cpu"))
+              for b in (online, latent)]  # fmt: skip
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
 
 

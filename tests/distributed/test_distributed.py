@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_runner import run_cli
+from cli_runner import run_cli, run_env
 from img2dataset_env import free_port
 from safetensors.torch import load_file
 
@@ -50,16 +50,6 @@ def common(shards: Path) -> list[str]:
         "callbacks/ema=default",
         "callbacks.ema.decay=0.5",  # far from the raw weights after 4 steps (asserted below)
     ]
-
-
-def run_env(root: Path) -> dict[str, str]:
-    """This process's environment, with outputs (MLflow store included) under ``root``.
-
-    MLflow's `set_tracking_uri` exports MLFLOW_TRACKING_URI, so an in-process run of an earlier
-    test would otherwise send these subprocesses' runs to that test's store.
-    """
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    return env | {"LDM_OUTPUT_DIR": str(root), "OMP_NUM_THREADS": "1"}
 
 
 def ldm_train(root: Path, *overrides: str, launcher: list[str] | None = None):

@@ -20,7 +20,7 @@ from img2dataset_env import free_port
 from jobs.launcher import SubmitError, dns_name, user_overrides
 from jobs.submit import main, prepare
 
-GOLDEN = Path(__file__).parent / "golden" / "jobs"
+GOLDEN = Path(__file__).parent / "golden"
 BIN = str(Path(sys.executable).parent)
 TRAIN = ["experiment=tiny", "data.urls='/shared/data/{00000..00009}.tar'", "batch.global_size=32"]
 CASES = {

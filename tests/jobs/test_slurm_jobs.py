@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_distributed import run_env
+from cli_runner import run_env
 
 SUBMIT = str(Path(sys.executable).parent / "ldm-submit")
 pytestmark = pytest.mark.slow

@@ -3,7 +3,6 @@ import math
 import pytest
 import torch
 from diffusers import DDPMScheduler
-
 from diffusers.training_utils import compute_snr
 
 from train.objectives import ddpm as diffusion

@@ -13,7 +13,8 @@ from hydra.utils import instantiate
 from train.tasks.rng import SampleRNG
 
 STEPS = 12  # the loss falls to well under half of its start within ~10 steps on CPU
-AE_OVERRIDES = ("experiment=tiny", "model=autoencoder", "~model.backbone")  # tiny sets model.backbone.model.*
+# tiny sets model.backbone.model.*, which the autoencoder has no place for
+AE_OVERRIDES = ("experiment=tiny", "model=autoencoder", "~model.backbone")
 
 
 def optimizer_and_schedule(module):

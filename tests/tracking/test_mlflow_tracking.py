@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from train.cli.run import RUN_ID_FILE, run
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 MAX_STEPS = 4
 BATCH_SIZE = 4
 # ThroughputMonitor only logs a rate once its window (100 batches by default) is full, and on one

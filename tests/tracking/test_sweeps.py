@@ -115,7 +115,8 @@ def check_trials_keep_only_their_weights(root: Path, client, parent, best) -> No
     assert run_cli(ldm_export, command).returncode == 0
     exported = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
     trained = torch.load(ckpt, weights_only=True)["state_dict"]
-    assert exported and all(torch.equal(w, trained[f"backbone.model.{k}"]) for k, w in exported.items())
+    assert exported
+    assert all(torch.equal(w, trained[f"backbone.model.{k}"]) for k, w in exported.items())
 
 
 @pytest.mark.slow

@@ -32,6 +32,13 @@ def _npy(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def micro_sizes(sample: dict[str, Any]) -> np.ndarray:
+    """SDXL's micro-conditioning of a decoded sample (original h, w; crop top, left; target h,
+    w) as int64 [6]: the crop happened at encode time, so only these numbers remember it."""
+    keys = ("original_size", "crop_top_left", "target_size")
+    return np.concatenate([np.asarray(sample[k], dtype=np.int64).reshape(2) for k in keys])
+
+
 class ShardEncoder:
     """Encodes whole shards with a frozen VAE and text encoder."""
 
@@ -44,6 +51,14 @@ class ShardEncoder:
             raise ValueError(
                 "model.vae is randomly initialised; encode with a trained one: "
                 "model/vae=pretrained model.vae.pretrained_model_name_or_path=DIR"
+            )
+        random_text = [name for name, part in conditioner.pipeline_parts().items()
+                       if isinstance(part, torch.nn.Module) and not part.name_or_path]  # fmt: skip
+        if random_text:
+            # Likewise for text encoders built from config (the tiny SDXL/SD3/Flux ones).
+            raise ValueError(
+                f"model.conditioner's {', '.join(random_text)} is randomly initialised; encode "
+                "with pretrained text encoders (a conditioner config with from_pretrained)"
             )
         self.vae = vae.to(device).eval()
         self.conditioner = conditioner.to(device).eval()
@@ -64,6 +79,7 @@ class ShardEncoder:
             members = {"emb.npy": cond.hidden, "pooled.npy": cond.pooled, "emb_mask.npy": cond.mask}
             for j, i in enumerate(idx):
                 out[i]["latent.npy"] = _npy(moments[j].float().cpu().numpy().astype(self.dtype))
+                out[i]["sizes.npy"] = _npy(micro_sizes(samples[i]))
                 for name, value in members.items():
                     if value is not None:
                         out[i][name] = _npy(value[j].float().cpu().numpy().astype(self.dtype))

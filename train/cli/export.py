@@ -20,10 +20,21 @@ def build_module(model: Any, seed: int) -> Any:
     same in training and in every later `ldm-export`, which rebuilds them instead of storing
     them in checkpoints."""
     import torch
+    from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
     torch.manual_seed(seed)
-    return instantiate(model)
+    try:
+        return instantiate(model)
+    except InstantiationException as e:
+        # A part's own check (e.g. a backbone that does not fit the VAE) raised ConfigError
+        # inside Hydra: answer it as the one-line config error it is.
+        cause = e.__cause__
+        while cause is not None and not isinstance(cause, ConfigError):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        raise cause from None
 
 
 def module_from_checkpoint(path: str | Path, allow_pickle: bool = False):

@@ -106,18 +106,29 @@ def _class(spec: dict) -> Any:
 def build_part(spec: dict) -> Any:
     cls = _class(spec)
     if "config" not in spec:  # a tokenizer
-        return cls.from_pretrained(spec["pretrained"], subfolder=spec["subfolder"] or "",
-                                   **spec["kwargs"])  # fmt: skip
+        return _load_pretrained(cls, spec, **spec["kwargs"])
     if "state" in spec:
         model = _from_config(cls, spec)
         model.load_state_dict(spec["state"], strict=True)
         return model.eval()
-    kwargs = {"subfolder": spec["subfolder"]} if spec["subfolder"] else {}
-    model = cls.from_pretrained(spec["pretrained"], **kwargs).eval()
+    model = _load_pretrained(cls, spec).eval()
     if "use_attention_mask" in spec["config"]:
         # Set by our conditioner, not saved in the pretrained folder; the pipelines read it.
         model.config.use_attention_mask = spec["config"]["use_attention_mask"]
     return model
+
+
+def _load_pretrained(cls: Any, spec: dict, **kwargs: Any) -> Any:
+    """From the recorded folder; for a hub id the subfolder is the pipelines' convention
+    (`_subfolder`), which a single-model repo (e.g. openai/clip-vit-large-patch14) lacks."""
+    if not spec["subfolder"]:
+        return cls.from_pretrained(spec["pretrained"], **kwargs)
+    try:
+        return cls.from_pretrained(spec["pretrained"], subfolder=spec["subfolder"], **kwargs)
+    except OSError:
+        if Path(spec["pretrained"]).is_dir():
+            raise
+        return cls.from_pretrained(spec["pretrained"], **kwargs)
 
 
 def _from_config(cls: Any, spec: dict) -> Any:

@@ -32,7 +32,7 @@ class Backbone(nn.Module):
 
     def __init__(self, model: nn.Module, gradient_checkpointing: bool = False) -> None:
         super().__init__()
-        self.model = model
+        self.model = model.train()  # from_pretrained returns it in eval mode
         if gradient_checkpointing:
             model.enable_gradient_checkpointing()
 
