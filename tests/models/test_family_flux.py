@@ -235,11 +235,13 @@ def test_pretrained_presets_train_from_local_folders(compose, demo_shards, tmp_p
         (["model.backbone.model.axes_dims_rope=[4,4,4]"], r"must be even and sum to"),
         (["model.backbone.sample_size=7"], r"model\.backbone\.sample_size=7: .* even"),
         (["model.vae.shift_factor=null"], r"set model\.vae\.shift_factor"),
+        (["data.resolution=32"],
+         r"set data\.resolution=16 or model\.backbone\.sample_size=16 \(to train at 32 px\)"),
         (["model.conditioner.text_encoder.config.vocab_size=500"],
          r"set model\.conditioner\.text_encoder\.config\.vocab_size=514"),
     ],
     ids=["ddpm", "in-channels", "joint-dim", "pooled-dim", "projection", "rope", "odd-size",
-         "shift-factor", "vocab"],
+         "shift-factor", "resolution", "vocab"],
 )  # fmt: skip
 def test_parts_that_cannot_work_fail_before_training(compose, demo_shards, overrides, message):
     cfg = compose(*FLUX, f"data.urls={demo_shards}", *overrides)

@@ -131,7 +131,8 @@ def check_resolution(datamodule: Any, module: Any) -> None:
     backbone, vae = getattr(module, "backbone", None), getattr(module, "vae", None)
     have = getattr(datamodule, "resolution", None)
     if backbone is not None and vae is not None and have is not None:
-        problem = resolution_problem(have, backbone.sample_size, vae_scale_factor(vae))
+        problem = resolution_problem(have, backbone.sample_size, vae_scale_factor(vae),
+                                     setting=backbone.sample_size_setting)  # fmt: skip
         if problem:
             raise ConfigError(problem)
 

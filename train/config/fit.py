@@ -41,21 +41,28 @@ def check_values(cfg: DictConfig) -> None:
         raise ConfigError(f"model.optimizer.lr={lr} must be positive, e.g. model.optimizer.lr=1e-4")
 
 
-def resolution_problem(have: int, sample_size: int, factor: int, pretrained: bool = False) -> str:
+def resolution_problem(
+    have: int,
+    sample_size: int,
+    factor: int,
+    pretrained: bool = False,
+    setting: str = "model.backbone.model.sample_size",
+) -> str:
     """The message for data.resolution != UNet sample size x VAE downsampling ('' if it fits):
-    both ways out, since the user may want the data's size rather than the model's."""
+    both ways out, since the user may want the data's size rather than the model's. `setting`:
+    where the sample size is set (Flux's adapter holds it, not the model's config)."""
     want = sample_size * factor
     if have == want:
         return ""
     plus = "+" if pretrained else ""
     other = (
-        f" or {plus}model.backbone.model.sample_size={have // factor} (to train at {have} px)"
+        f" or {plus}{setting}={have // factor} (to train at {have} px)"
         if have % factor == 0
         else f" (data.resolution must be a multiple of the VAE downsampling {factor})"
     )
     return (
-        f"data.resolution={have} but the model generates {want} px images (model.backbone.model."
-        f"sample_size={sample_size} x VAE downsampling {factor}); set data.resolution={want}{other}"
+        f"data.resolution={have} but the model generates {want} px images ({setting}="
+        f"{sample_size} x VAE downsampling {factor}); set data.resolution={want}{other}"
     )
 
 

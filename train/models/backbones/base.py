@@ -44,6 +44,9 @@ class Backbone(nn.Module):
     def latent_channels(self) -> int:
         return int(self.model.config.in_channels)
 
+    # Where `sample_size` is set, for messages.
+    sample_size_setting = "model.backbone.model.sample_size"
+
     @property
     def sample_size(self) -> int:
         """The latent side it generates by default (pipelines read it)."""

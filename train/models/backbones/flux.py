@@ -28,6 +28,7 @@ class FluxBackbone(Backbone):
     sampled_by = ("flow",)
     setting = "model.backbone.model"
     needs_shift_factor = True  # the pipeline decodes latents / scaling_factor + shift_factor
+    sample_size_setting = "model.backbone.sample_size"
 
     def __init__(
         self,
@@ -99,7 +100,7 @@ class FluxBackbone(Backbone):
             )
         if self.sample_size < 2 or self.sample_size % 2:
             raise ConfigError(
-                f"model.backbone.sample_size={self.sample_size}: the latent side must be even "
+                f"{self.sample_size_setting}={self.sample_size}: the latent side must be even "
                 "(2x2 patches); set it to data.resolution / the VAE's downsampling"
             )
 
