@@ -94,6 +94,7 @@ class WebDatasetDataModule(L.LightningDataModule):
         sizes_cache: str | None = None,
         sizes_file: str | None = None,
         prefetch_factor: int | None = None,
+        require_caption: bool = False,
     ) -> None:
         super().__init__()
         # Resolved and counted here so a bad path fails before any model is built.
@@ -113,6 +114,9 @@ class WebDatasetDataModule(L.LightningDataModule):
         self.random_flip, self.center_crop = random_flip, center_crop
         self.val_batches, self.max_pixels = val_batches, max_pixels
         self.max_skip_fraction = max_skip_fraction
+        # A model that reads captions though the loader does not tokenize them (conditioners
+        # with several tokenizers tokenize in the step) still needs every sample captioned.
+        self.require_caption = require_caption or self.tokenizer is not None or latents
         self._train_loader: StatefulLoader | None = None
         if num_workers > 0:
             # A fast tokenizer used before the workers fork warns in every worker otherwise.
@@ -135,8 +139,8 @@ class WebDatasetDataModule(L.LightningDataModule):
             center_crop=self.center_crop if train else True,
             random_flip=self.random_flip and train,
             max_pixels=self.max_pixels,
-            # The autoencoder stage (no tokenizer) learns from images whether captioned or not.
-            require_caption=self.tokenizer is not None or self.latents,
+            # The autoencoder stage learns from images whether captioned or not.
+            require_caption=self.require_caption,
         )
 
     def _stream(self, shards: list[str], sizes: list[int], train: bool) -> ShardStream:

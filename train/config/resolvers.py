@@ -73,6 +73,11 @@ def cpu_workers(cap: int) -> int:
     return min(int(cap), available_cpus())
 
 
+def _has_key(key: str, *, _root_: Any) -> bool:
+    """`${has_key:a.b}`: whether the composed config has a non-null `a.b`."""
+    return OmegaConf.select(_root_, key, default=None) is not None
+
+
 def _tiny(name: str):
     def resolve() -> str:  # transformers loads only when a tiny config asks for one
         from train.models.conditioners import tiny_tokenizers
@@ -91,6 +96,7 @@ def register() -> None:
         "abspath": lambda p: os.path.abspath(os.path.expanduser(str(p))),
         "cpu_workers": cpu_workers,
         "prompt_file": prompt_file,
+        "has_key": _has_key,
         "tiny_clip_tokenizer": _tiny("tiny_clip_tokenizer"),
         "tiny_t5_tokenizer": _tiny("tiny_t5_tokenizer"),
     }

@@ -42,6 +42,6 @@ def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tens
 
 
 def stratified_levels(rows: torch.Tensor, bins: int) -> torch.Tensor:
-    """Fixed noise levels u = (i + 0.5) / bins for validation, dealt round-robin by each
-    sample's row in the validation stream (torchtitan's Flux validation, the MLPerf scheme)."""
+    """Fixed noise levels u = (i + 0.5) / bins for validation, bin i = row mod bins, for rows
+    that number the validation samples (torchtitan's Flux validation, the MLPerf scheme)."""
     return ((rows % bins).double() + 0.5) / bins

@@ -26,7 +26,7 @@ from train.objectives.base import per_sample_mse, stratified_levels, weighted_ms
 from train.tasks import pipelines
 from train.tasks.optim import OptimizerFactory, SchedulerFactory, optimizer_config
 from train.tasks.rng import SampleRNG, row_offset
-from train.tasks.validation import FixedLevelLoss, rows_of_rank, select_rows
+from train.tasks.validation import FixedLevelLoss, rows_of_rank, sample_ids, select_rows
 
 VALIDATION_STEP = -1  # the "step" key of validation draws: apart from every training step
 
@@ -179,31 +179,37 @@ class LatentDiffusion(L.LightningModule):
         self._val.reset(self.device)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        """Unweighted MSE at fixed, stratified noise levels with noise seeded per sample, each
-        rank scoring its share of the batch: the same number on any world size."""
+        """Unweighted MSE at fixed noise levels, level and noise keyed by each sample's key (so
+        neither the loader's order nor the split matters), each rank scoring its share of the
+        batch: over the same validation set, the same number on any world size."""
         n = len(batch["key"])
         rows = rows_of_rank(batch_idx * n, n, self.global_rank, self.trainer.world_size)
-        if len(rows) == 0:
-            return
+        # A rank without rows still runs one (not counted): under ZeRO-3 and FSDP the forward
+        # is a collective that every rank must join.
+        counted = len(rows) > 0
+        rows = rows if counted else torch.tensor([batch_idx * n])
         sub = select_rows(batch, rows - batch_idx * n, n)
-        rng = SampleRNG([SampleRNG.seed_of(self.noise_seed, VALIDATION_STEP, int(r))
-                         for r in rows], self.device)  # fmt: skip
+        ids = sample_ids(sub["key"])
+        rng = SampleRNG([SampleRNG.seed_of(self.noise_seed, VALIDATION_STEP, int(i))
+                         for i in ids], self.device)  # fmt: skip
         x0 = self.batch_latents(sub, rng)
         cond = self.batch_conditioning(sub, None)
-        levels = stratified_levels(rows, self._val.bins)
+        levels = stratified_levels(ids, self._val.bins)
         noise = rng.randn(tuple(x0.shape[1:]), x0.dtype)
         noised = self.objective.at_levels(x0, noise, levels)
         prediction = self.backbone(noised.x_t.to(self.dtype), noised.timesteps, cond)
-        self._val.add(per_sample_mse(prediction, noised.target), rows)
+        if counted:
+            self._val.add(per_sample_mse(prediction, noised.target), ids)
 
     def on_validation_epoch_end(self) -> None:
         sums, counts = self._val.reduced(self.trainer.strategy)
         if counts.sum() == 0:
             return
-        self.log("val/loss", float(sums.sum() / counts.sum()), prog_bar=True, sync_dist=False)
+        self.log("val/loss", float(sums.sum() / counts.sum()), prog_bar=True, rank_zero_only=True)
+        self.log("val/samples", float(counts.sum()), rank_zero_only=True)  # over all ranks
         for i in range(self._val.bins):
             if counts[i] > 0:
-                self.log(f"val/loss_level{i}", float(sums[i] / counts[i]), sync_dist=False)
+                self.log(f"val/loss_level{i}", float(sums[i] / counts[i]), rank_zero_only=True)
 
     def configure_gradient_clipping(
         self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None

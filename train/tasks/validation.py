@@ -1,8 +1,10 @@
-"""Validation loss that means the same on any world size: each rank scores its rows of every
-batch, sums and counts per noise level are reduced over ranks, one number results."""
+"""Validation loss that means the same on any world size: every sample's noise level and noise
+come from its key, each rank scores its rows of every batch, sums and counts per level are
+reduced over ranks, one number results."""
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import torch
@@ -13,6 +15,12 @@ def rows_of_rank(first_row: int, n: int, rank: int, world_size: int) -> torch.Te
     rank reads the same batches; row r belongs to rank r mod world_size)."""
     rows = torch.arange(first_row, first_row + n)
     return rows[rows % world_size == rank]
+
+
+def sample_ids(keys: list[str]) -> torch.Tensor:
+    """A stable 62-bit number per sample key [B]: its validation noise seed and level bin."""
+    digests = [hashlib.blake2b(str(k).encode(), digest_size=8).digest() for k in keys]
+    return torch.tensor([int.from_bytes(d, "little") >> 2 for d in digests], dtype=torch.long)
 
 
 def select_rows(batch: dict, idx: torch.Tensor, n: int) -> dict:
@@ -41,8 +49,8 @@ class FixedLevelLoss:
         self.sums = torch.zeros(self.bins, dtype=torch.float64, device=device)
         self.counts = torch.zeros(self.bins, dtype=torch.float64, device=device)
 
-    def add(self, losses: torch.Tensor, rows: torch.Tensor) -> None:
-        level = (rows % self.bins).to(self.sums.device)
+    def add(self, losses: torch.Tensor, ids: torch.Tensor) -> None:
+        level = (ids % self.bins).to(self.sums.device)
         self.sums.index_add_(0, level, losses.detach().double().to(self.sums.device))
         self.counts.index_add_(0, level, torch.ones_like(level, dtype=torch.float64))
 
