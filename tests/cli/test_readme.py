@@ -43,6 +43,7 @@ NOT_RUN = {
     "python -m support.slurm_local down": "stops a local cluster this test never starts",
     "ldm-export outputs/runs/demo/": "a trained checkpoint (tests/cli/test_sampling_cli.py)",
     "ldm-sample /tmp/my-export": "an export (tests/cli/test_sampling_cli.py)",
+    "ldm-eval outputs/runs/demo-dit/export": "a trained demo_dit export (minutes of training)",
 }
 # Placeholders made real for this machine (applied to the line before bash reads it).
 SUBSTITUTE = {
