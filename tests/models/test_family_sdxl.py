@@ -13,7 +13,6 @@ import pytest
 import torch
 from cli_runner import run_cli
 from diffusers import DiffusionPipeline, StableDiffusionXLPipeline
-from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from safetensors.torch import load_file
 
@@ -196,10 +195,8 @@ def test_pretrained_presets_train_from_local_folders(compose, demo_shards, tmp_p
 )  # fmt: skip
 def test_parts_that_cannot_work_fail_before_training(compose, demo_shards, overrides, message):
     cfg = compose(*SDXL, f"data.urls={demo_shards}", *overrides)
-    with pytest.raises(InstantiationException) as err:
+    # ConfigError itself (not Hydra's wrapper): ldm-train answers it in one line.
+    with pytest.raises(ConfigError, match=message):
         run(cfg)
-    cause = err.value.__cause__
-    assert isinstance(cause, ConfigError), repr(err.value)
-    assert re.search(message, str(cause)), str(cause)
     run_dir = Path(cfg.paths.run_dir)
     assert not (run_dir / "checkpoints").exists() and not (run_dir / ".hydra").exists()
