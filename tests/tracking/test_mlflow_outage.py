@@ -146,7 +146,8 @@ def test_server_killed_mid_run_and_restarted(tmp_path, demo_shards, mlflow_serve
     while run_id is None or len(steps(client, run_id)) < 3:
         assert proc.poll() is None and time.monotonic() - t0 < 120, "no steps reached the server"
         if (run_dir / "mlflow_run_id").exists():
-            run_id = (run_dir / "mlflow_run_id").read_text().strip()
+            # Empty while the run is writing it: read again on the next turn.
+            run_id = (run_dir / "mlflow_run_id").read_text().strip() or None
         time.sleep(0.1)
     down_at = time.time()
     mlflow_server.kill()
