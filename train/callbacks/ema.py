@@ -20,7 +20,9 @@ from train.distributed.sharding import (
     StateDict,
     clean_name,
     full_state_dict,
+    gather_fsdp_shards,
     gather_zero3_shards,
+    is_sharded,
     is_zero3,
     local_tensors,
     submodule_prefix,
@@ -86,6 +88,8 @@ class EMA(L.Callback):
             # Small parameters stay whole on every rank under ZeRO-3 (persistence threshold),
             # so gathering live parameters would miss EMA values swapped into the partitions.
             return gather_zero3_shards(trainer, pl_module.trainable, self.shadow)
+        if is_sharded(trainer.strategy):  # FSDP
+            return gather_fsdp_shards(trainer, pl_module.trainable, self.shadow)
         local = local_tensors(trainer.strategy, self._params(pl_module))
         with swapped_in(local, self.shadow):
             return full_state_dict(trainer, pl_module.trainable)

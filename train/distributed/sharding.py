@@ -125,6 +125,41 @@ def gather_zero3_shards(
     return {**state, **persistent_buffers(module)}
 
 
+def gather_fsdp_shards(
+    trainer: L.Trainer, module: torch.nn.Module, shards: list[torch.Tensor]
+) -> StateDict | None:
+    """Collective: whole tensors on global rank 0 from each rank's FSDP pieces of ``module``'s
+    parameters (e.g. EMA shards aligned with `local_tensors`), plus its buffers.
+
+    Copying such values into the live shards and gathering the model would not do: after a
+    no-grad forward (validation) FSDP keeps the root unit's unsharded parameters allocated and
+    its state-dict gather reuses them, stale, instead of the shards. FSDP lays each parameter out
+    contiguously in the flat parameter that ranks split in order, so a parameter is its ranks'
+    pieces concatenated in rank order; its shape comes from the gathered live model.
+    """
+    whole = full_state_dict(trainer, module)  # names, shapes and buffers (rank 0)
+    flat = torch.cat([s.reshape(-1).float() for s in shards])
+    sizes = [None] * trainer.world_size
+    torch.distributed.all_gather_object(sizes, [s.numel() for s in shards])
+    longest = max(sum(per_rank) for per_rank in sizes)
+    padded = torch.cat([flat, flat.new_zeros(longest - flat.numel())])
+    padded = padded.to(trainer.strategy.root_device)  # NCCL gathers device tensors only
+    rank0 = trainer.is_global_zero
+    parts = [torch.empty_like(padded) for _ in range(trainer.world_size)] if rank0 else None
+    torch.distributed.gather(padded, parts, dst=0)
+    if not rank0:
+        return None
+    names = [clean_name(n) for n, _ in module.named_parameters()]
+    offsets = [0] * trainer.world_size
+    for i, name in enumerate(names):
+        pieces = []
+        for r, part in enumerate(parts):
+            pieces.append(part[offsets[r] : offsets[r] + sizes[r][i]].cpu())
+            offsets[r] += sizes[r][i]
+        whole[name] = torch.cat(pieces).reshape(whole[name].shape).to(whole[name].dtype)
+    return whole
+
+
 def zero3_partition(whole: torch.Tensor, rank: int, partition_numel: int) -> torch.Tensor:
     """Rank ``rank``'s slice of a parameter as DeepSpeed ZeRO-3 partitions it: the flattened
     tensor, padded with zeros to ``world * partition_numel``, in equal contiguous pieces."""
