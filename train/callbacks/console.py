@@ -83,6 +83,8 @@ class CompactModelSummary(ModelSummary):
     ) -> None:
         if not total_flops:
             summary_data = [column for column in summary_data if column[0] != "FLOPs"]
+        # Lightning's own formatter (what ModelSummary.summarize calls); no public function
+        # formats already-summarized columns, and ModelSummary's str() would summarize again.
         table = _format_summary_table(total_parameters, trainable_parameters, model_size,
                                       total_training_modes, total_flops, *summary_data)  # fmt: skip
         if not total_flops:

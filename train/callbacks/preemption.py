@@ -96,7 +96,9 @@ class CheckpointOnTerminate(Checkpoint):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # After Lightning's signal connector has installed its handler (it restores the ones
-        # from before fit in its teardown).
+        # from before fit in its teardown). Taking SIGTERM over from Lightning (which would
+        # raise SIGTERMException mid-step) has no public API: `trainer.received_sigterm` only
+        # reads the connector's flag, so the flag is cleared on the connector itself.
         connector = trainer._signal_connector
         self.received = self.received or connector.received_sigterm
         connector.received_sigterm = False

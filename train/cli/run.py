@@ -186,6 +186,7 @@ def log_params(loggers: list[Logger], resolved: dict, resuming: bool) -> None:
     `trainer.max_steps`), so on resume the command that resumed it goes into a tag instead.
     """
     for logger in loggers:
+        # `_run_id`, not `run_id`: the public property creates a run when there is none.
         if resuming and isinstance(logger, MLFlowLogger) and logger._run_id:
             logger.experiment.set_tag(logger.run_id, "resume_command", run_tags()["command"])
             continue

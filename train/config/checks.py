@@ -27,6 +27,8 @@ __all__ = ["ConfigError", "check_config", "early_checks"]  # ConfigError: where 
 def check_config(cfg: DictConfig, prefix: str = "", local_paths: bool = True) -> None:
     """Raise ConfigError for the first bad `_target_` node found in `cfg` (depth first)."""
     for key in cfg:
+        # omegaconf's node access (no public equivalent): reads a node without resolving its
+        # interpolations, so a check never triggers resolvers or fails on a missing value.
         node = cfg._get_node(key)
         path = f"{prefix}{key}"
         if isinstance(node, DictConfig) and not node._is_none():

@@ -85,6 +85,7 @@ def persistent_buffers(module: torch.nn.Module) -> StateDict:
     for name, sub in module.named_modules():
         prefix = clean_name(f"{name}.") if name else ""
         for k, b in sub.named_buffers(recurse=False):
+            # torch has no public test for persistence; state_dict() would gather ZeRO-3 params.
             if k not in sub._non_persistent_buffers_set:
                 out[prefix + k] = b.detach().cpu().clone()
     return out
@@ -197,15 +198,26 @@ def load_any_checkpoint(path: str | Path, allow_pickle: bool = False) -> dict:
     if (path / "latest").is_file() or (path / "checkpoint").is_dir():
         return _load_deepspeed(path)
     if (path / "meta.pt").is_file():
-        from lightning.fabric.utilities.load import _load_distributed_checkpoint
-
-        ckpt = _load_distributed_checkpoint(path)
-        ckpt["state_dict"] = ckpt.pop("model", ckpt.get("state_dict", {}))
-        return ckpt
+        return _load_fsdp(path)
     raise ValueError(
         f"{path} is a folder but neither a DeepSpeed checkpoint (no 'latest' or 'checkpoint/') "
         "nor an FSDP sharded checkpoint (no 'meta.pt')"
     )
+
+
+def _load_fsdp(path: Path) -> dict:
+    """Lightning's FSDP folder: the shards in torch.distributed.checkpoint's format, read by
+    torch's public converter into one file, plus Lightning's own data in ``meta.pt``."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory(prefix="ldm-dcp-") as tmp:
+        dcp_to_torch_save(path, Path(tmp) / "full.pt")
+        ckpt = torch.load(Path(tmp) / "full.pt", map_location="cpu", weights_only=False)
+    ckpt.update(torch.load(path / "meta.pt", map_location="cpu", weights_only=False))
+    ckpt["state_dict"] = ckpt.pop("model", ckpt.get("state_dict", {}))
+    return ckpt
 
 
 def _load_deepspeed(path: Path) -> dict:

@@ -82,6 +82,8 @@ class FSDPStrategy(_LightningFSDP):
             self.kwargs["auto_wrap_policy"] = ModuleWrapPolicy(backbone.wrap_units())
         if self.root_device.type != "cpu":
             return super()._setup_model(model)
+        # Lightning's private helper, so that activation checkpointing is set up exactly as its
+        # GPU path (`super()._setup_model`) does; this branch mirrors that method for CPU.
         from lightning.pytorch.strategies.fsdp import _setup_activation_checkpointing
         from torch.distributed.fsdp import FullyShardedDataParallel
 

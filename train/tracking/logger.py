@@ -32,7 +32,6 @@ from typing import Any
 
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
-from lightning.pytorch.loggers.mlflow import _get_resolve_tags
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from train.tracking.spool import (
@@ -138,7 +137,12 @@ class ResilientMLFlowLogger(MLFlowLogger):
     """MLFlowLogger (same arguments) plus: `spool_dir`, where writes wait for the server (keep
     it in the run folder: a resume finds its leftovers there); `flush_timeout_s`, how long
     `finalize` waits for them to go out (and for a server that is away to come back);
-    `probe_timeout_s`, the `/health` probe's timeout; `buffered`, None = for http(s) URIs."""
+    `probe_timeout_s`, the `/health` probe's timeout; `buffered`, None = for http(s) URIs.
+
+    MLFlowLogger has no hook for deferring or replacing its run creation, so this subclass
+    works on its protected state (``_run_id``, ``_tracking_uri``, ``_experiment_name``, ...)
+    as the subclass it is.
+    """
 
     def __init__(
         self,
@@ -264,6 +268,7 @@ class ResilientMLFlowLogger(MLFlowLogger):
             )
 
     def _create_run_op(self) -> Op:
+        from mlflow.tracking.context.registry import resolve_tags
         from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
 
         tags = dict(self.tags or {})
@@ -273,7 +278,7 @@ class ResilientMLFlowLogger(MLFlowLogger):
             "kind": "create_run", "run": self._run_id, "start_time": _now_ms(),
             "experiment_name": self._experiment_name,
             "artifact_location": self._artifact_location,
-            "tags": {k: str(v) for k, v in _get_resolve_tags()(tags).items()},
+            "tags": {k: str(v) for k, v in resolve_tags(tags).items()},
         }  # fmt: skip
 
     def _at_exit(self) -> None:

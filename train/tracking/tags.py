@@ -110,6 +110,7 @@ def register_export(trainer: L.Trainer, name: str, artifact_path: str) -> None:
                 name,
                 source=f"runs:/{run_id}/{artifact_path}",
                 run_id=run_id,
+                # The run name as configured: MLFlowLogger has no public accessor for it.
                 tags={"format": "diffusers", "run_name": str(logger._run_name),
                       "step": str(trainer.global_step)},  # fmt: skip
                 description=f"diffusers folder exported by run {run_id}",
@@ -156,8 +157,9 @@ def describe_run(trainer: L.Trainer) -> list[str]:
     """Human-readable lines telling where this run's tracking data is and how to browse it."""
     lines = []
     for logger in mlflow_loggers(trainer):
-        uri = logger._tracking_uri  # the URI the user configured, as given
-        name = logger._experiment_name
+        # MLFlowLogger keeps its constructor's tracking_uri and experiment_name unexposed (its
+        # public `name` is the experiment id); these are the URI and name as the user gave them.
+        uri, name = logger._tracking_uri, logger._experiment_name
         lines.append(f"MLflow run: {logger.run_id} (experiment {name!r}) at {uri}")
         if uri and not uri.startswith("http"):
             lines.append(f"  browse it: mlflow ui --backend-store-uri {uri}")

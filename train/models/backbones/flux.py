@@ -61,6 +61,8 @@ class FluxBackbone(Backbone):
     ) -> torch.Tensor:
         """The velocity [B, C, h, w]: pack, call as FluxPipeline does, unpack."""
         b, c, h, w = x_t.shape
+        # The pipeline's own (static, underscored) packing helpers, as diffusers' Flux training
+        # scripts call them: the layout must be the one FluxPipeline samples with.
         tokens = FluxPipeline._pack_latents(x_t, b, c, h, w)  # [B, h/2 * w/2, 4C]
         img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, x_t.device, x_t.dtype)
         txt_ids = torch.zeros(cond.hidden.shape[1], 3, device=x_t.device, dtype=x_t.dtype)
