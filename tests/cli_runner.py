@@ -42,7 +42,7 @@ def run_cli(
 
 def _exit_code(main: Callable[[], object]) -> int:
     try:
-        main()
+        returned = main()
     except SystemExit as e:
         if e.code is None or isinstance(e.code, int):
             return e.code or 0
@@ -51,7 +51,8 @@ def _exit_code(main: Callable[[], object]) -> int:
     except BaseException:
         traceback.print_exc()
         return 1
-    return 0
+    # What a console script does with the value: `sys.exit(main())`.
+    return returned if isinstance(returned, int) else 0
 
 
 @contextlib.contextmanager

@@ -1,5 +1,5 @@
 """``ldm-data``: write the shapes demo shards, list held-out captions, turn a folder of captioned
-images into shards, inspect and validate shards."""
+images into shards, inspect and validate shards, encode them, compute reference statistics."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from data.folder import TABLE_SUFFIXES, folder_to_shards
 from data.shapes import heldout_specs
 from data.shards import HELDOUT, MANIFEST, ensure_demo_shards, shard_pattern
 from data.tools import DEFAULT_MAX_PIXELS, inspect_shards, validate_shards, write_sizes
+from train.cli.reference_stats import add_stats
 from train.errors import BAD_INPUT, ArgumentParser, debug_flag, report
 
 MAX_LISTED = 5  # skipped files or bad samples printed to the console; the rest are counted
@@ -213,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     held.set_defaults(func=_heldout)
     _add_data_tools(sub)
     _add_encode(sub)
+    add_stats(sub)
     return parser
 
 

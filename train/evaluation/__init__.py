@@ -1,0 +1,1 @@
+"""Image-quality evaluation: feature extractors, FID/KID/CLIP score, reference statistics."""

@@ -1,0 +1,91 @@
+"""Reference features of a set's real images: computed once (`ldm-data stats`), stored with the
+set's fingerprint and the extractor's description, refused for another set or extractor."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from data.evalset import iter_eval_samples, set_fingerprint
+from train.errors import ConfigError
+from train.evaluation.features import describe
+
+FORMAT = "ldm-pipeline/reference-features/1"
+
+
+def images_to_uint8(images: list) -> torch.Tensor:
+    """PIL RGB images (one size) as uint8 [N, 3, H, W]."""
+    arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.uint8) for im in images])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+@torch.no_grad()
+def compute_reference(
+    urls: str | list[str],
+    feature: nn.Module,
+    out_path: str | Path,
+    resolution: int,
+    max_samples: int | None = None,
+    batch_size: int = 32,
+) -> dict[str, str]:
+    """Features [N, D] of the set's images (resized and centre-cropped to ``resolution``),
+    written to ``out_path`` (safetensors) with the set's fingerprint; returns the metadata."""
+    sha, shards, total = set_fingerprint(urls)
+    feats, batch = [], []
+    for sample in iter_eval_samples(shards, resolution, max_samples):
+        batch.append(sample.image)
+        if len(batch) == batch_size:
+            feats.append(feature(images_to_uint8(batch)).double().cpu())
+            batch = []
+    if batch:
+        feats.append(feature(images_to_uint8(batch)).double().cpu())
+    if sum(len(f) for f in feats) < 2:
+        raise ConfigError(f"{urls}: fewer than 2 images; reference statistics need a real set")
+    features = torch.cat(feats)
+    meta = {"format": FORMAT, "set_sha256": sha, "set_num_samples": str(total),
+            "num_samples": str(len(features)), "feature": describe(feature),
+            "resolution": str(resolution), "shards": json.dumps(shards[:20])}  # fmt: skip
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    save_file({"features": features.contiguous()}, str(tmp), metadata=meta)
+    os.replace(tmp, out)  # never a half-written reference under the final name
+    return meta
+
+
+def load_reference(
+    path: str | Path, urls: str | list[str] | None, feature: nn.Module
+) -> torch.Tensor:
+    """The reference features in ``path``, after checking they were computed for the set at
+    ``urls`` (unless None) with this extractor. Raises ConfigError naming what differs."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"reference statistics {path} do not exist; write them with "
+                          "`ldm-data stats SHARDS OUT`")  # fmt: skip
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != FORMAT:
+        raise ConfigError(f"{path} is not a reference features file ({meta.get('format')!r})")
+    mine = describe(feature)
+    if meta["feature"] != mine:
+        raise ConfigError(
+            f"reference statistics {path} were computed with feature extractor "
+            f"{meta['feature']!r}, this evaluation uses {mine!r}; recompute them with this one"
+        )
+    if urls is not None:
+        sha, _, total = set_fingerprint(urls)
+        if sha != meta["set_sha256"]:
+            raise ConfigError(
+                f"reference statistics {path} belong to another set ({meta['set_num_samples']} "
+                f"samples, manifest {meta['set_sha256'][:12]}), not {urls} ({total} samples, "
+                f"manifest {sha[:12]}): the set changed; recompute with `ldm-data stats`"
+            )
+    return load_file(str(path))["features"]
