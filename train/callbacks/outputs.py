@@ -178,16 +178,28 @@ def output_weights(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str
     """Collective. The keyword arguments (``model=``) that make a module's ``export``/``preview``
     use whole weights: EMA when the EMA callback runs, gathered when sharded; empty where the
     live module is whole already, on other ranks, and for modules without a backbone."""
-    if not hasattr(pl_module, "backbone"):
+    if not hasattr(pl_module, "backbone") or not needs_whole_state(trainer):
         return {}
-    ema = next((c for c in trainer.callbacks if isinstance(c, EMA)), None)
-    if ema is not None and ema.shadow is not None:
-        state = ema.full_model_state(trainer, pl_module)
-    elif is_sharded(trainer.strategy):
-        state = full_state_dict(trainer, pl_module.trainable)
-    else:
-        return {}
+    state = whole_state(trainer, pl_module)
     return {"model": pl_module.model_from_state(state)} if trainer.is_global_zero else {}
+
+
+def active_ema(trainer: L.Trainer) -> EMA | None:
+    ema = next((c for c in trainer.callbacks if isinstance(c, EMA)), None)
+    return ema if ema is not None and ema.shadow is not None else None
+
+
+def needs_whole_state(trainer: L.Trainer) -> bool:
+    """Whether outputs need weights other than the live module's (the same on every rank)."""
+    return active_ema(trainer) is not None or is_sharded(trainer.strategy)
+
+
+def whole_state(trainer: L.Trainer, pl_module: L.LightningModule) -> dict | None:
+    """Collective: the trainable model's whole state for outputs (EMA if on) on rank 0."""
+    ema = active_ema(trainer)
+    if ema is not None:
+        return ema.full_model_state(trainer, pl_module)
+    return full_state_dict(trainer, pl_module.trainable)
 
 
 class ConfigInCheckpoint(L.Callback):

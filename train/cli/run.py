@@ -56,7 +56,7 @@ def run(cfg: DictConfig) -> float | None:
     L.seed_everything(cfg.seed, workers=True)
 
     loggers = build_loggers(cfg.logger, run_dir, ckpt_path)
-    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
+    callbacks = [build_callback(name, c) for name, c in cfg.callbacks.items() if c is not None]
     if not loggers:
         # logger=none: LearningRateMonitor refuses a Trainer without loggers (nowhere to log).
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
@@ -91,6 +91,22 @@ def run(cfg: DictConfig) -> float | None:
     if metric and metric in trainer.callback_metrics:
         return float(trainer.callback_metrics[metric])
     return None
+
+
+def build_callback(name: str, node: DictConfig) -> L.Callback:
+    """``callbacks.<name>``, where a part's own check (a missing file, a set that does not fit)
+    fails as the one-line config error it is, not inside Hydra's traceback."""
+    from hydra.errors import InstantiationException
+
+    try:
+        return instantiate(node)
+    except InstantiationException as e:
+        cause = e.__cause__
+        while cause is not None and not isinstance(cause, (ConfigError, FileNotFoundError)):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        raise ConfigError(f"callbacks.{name}: {cause}") from None
 
 
 def apply_batch_plan(cfg: DictConfig, trainer: L.Trainer) -> BatchPlan:

@@ -37,6 +37,37 @@ def build(module: Any, scheduler: Any = None, model: torch.nn.Module | None = No
 
 
 @torch.no_grad()
+def generate(
+    module: Any,
+    prompts: list[str],
+    generator: torch.Generator | list[torch.Generator],
+    steps: int,
+    guidance_scale: float,
+    model: torch.nn.Module | None = None,
+    output_type: str = "pil",
+) -> Any:
+    """Images for `prompts` at the trained size (the trained model in eval mode meanwhile):
+    PIL images, or with ``output_type="pt"`` a float tensor [N, 3, H, W] in [0, 1]."""
+    trained = module.trainable
+    was_training = trained.training
+    trained.eval()
+    try:
+        size = module.resolution
+        return build(module, model=model)(
+            prompts,
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            generator=generator,
+            output_type=output_type,
+            height=size,
+            width=size,
+            **module.backbone.pipeline_call_kwargs(),
+            **getattr(module.conditioner, "pipeline_call_kwargs", dict)(),
+        ).images
+    finally:
+        trained.train(was_training)
+
+
 def preview(
     module: Any,
     prompts: list[str],
@@ -45,26 +76,9 @@ def preview(
     guidance_scale: float,
     model: torch.nn.Module | None = None,
 ) -> Image.Image:
-    """A grid of samples for `prompts`, the trained model in eval mode meanwhile."""
-    trained = module.trainable
-    was_training = trained.training
-    trained.eval()
-    try:
-        size = module.resolution
-        images = build(module, model=model)(
-            prompts,
-            num_inference_steps=steps,
-            guidance_scale=guidance_scale,
-            generator=torch.Generator(device="cpu").manual_seed(seed),
-            output_type="pil",
-            height=size,
-            width=size,
-            **module.backbone.pipeline_call_kwargs(),
-            **getattr(module.conditioner, "pipeline_call_kwargs", dict)(),
-        ).images
-    finally:
-        trained.train(was_training)
-    return image_grid(images)
+    """A grid of samples for `prompts`."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    return image_grid(generate(module, prompts, generator, steps, guidance_scale, model))
 
 
 def export(module: Any, out_dir: str | Path, model: torch.nn.Module | None = None) -> Path:

@@ -125,6 +125,24 @@ def register_export(trainer: L.Trainer, name: str, artifact_path: str) -> None:
             )
 
 
+def tag_registered_version(trainer: L.Trainer, tags: dict[str, float | str]) -> int:
+    """Put ``tags`` on the model versions this run registered at this step (rank 0, after the
+    export callback); returns how many versions got them. A tracker away costs a warning."""
+    tagged = 0
+    for logger in mlflow_loggers(trainer):
+        client, run_id = logger.experiment, logger.run_id
+        try:
+            for version in client.search_model_versions(f"run_id='{run_id}'"):
+                if version.tags.get("step") != str(trainer.global_step):
+                    continue
+                for key, value in tags.items():
+                    client.set_model_version_tag(version.name, version.version, key, str(value))
+                tagged += 1
+        except (MlflowException, OSError) as e:
+            warnings.warn(f"MLflow: could not tag the registered model version: {e}", stacklevel=2)
+    return tagged
+
+
 class CheckpointPathTags(L.Callback):
     """Tags `checkpoint.last` and `checkpoint.best` with their paths on the shared filesystem:
     the policy for models too big to upload (`logger.mlflow.log_model` uploads them instead:

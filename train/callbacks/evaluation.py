@@ -1,0 +1,120 @@
+"""Image quality while training: FID, KID and CLIP score of images generated for a fixed prompt
+set, every N steps and at the end, logged as ``eval/*`` and put on the registered model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import nn
+
+from train.callbacks.outputs import check_whole_weights, needs_whole_state, whole_state
+from train.callbacks.preemption import preempted
+from train.errors import ConfigError
+from train.evaluation.metrics import ImageMetrics
+from train.evaluation.reference import load_reference
+from train.tasks import pipelines
+from train.tracking.tags import tag_registered_version
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """One prompt per non-blank line."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"callbacks.eval.prompts={file}: no such file (one prompt per line)")
+    prompts = [line.strip() for line in file.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ConfigError(f"callbacks.eval.prompts={file}: the file holds no prompt")
+    return prompts
+
+
+def val_captions(urls: str, count: int) -> list[str]:
+    from data.evalset import iter_eval_samples, set_fingerprint
+
+    captions = [s.caption for s in iter_eval_samples(set_fingerprint(urls)[1], 8, count)]
+    if not any(captions):
+        raise ConfigError(f"callbacks.eval: the validation shards {urls} hold no captions; "
+                          "give callbacks.eval.prompts=FILE")  # fmt: skip
+    return captions
+
+
+class ImageQuality(L.Callback):
+    """Generates ``num_images`` images (prompt i with seed ``seed + i``, so the images do not
+    depend on the world size), each rank its share; FID and KID against ``reference`` (from
+    ``ldm-data stats`` on the validation set), CLIP score with ``clip_model``."""
+
+    def __init__(self, feature: nn.Module, reference: str, val_urls: str | None = None,
+                 prompts: str | None = None, num_images: int = 64, every_n_steps: int = 0,
+                 num_inference_steps: int = 20, guidance_scale: float = 4.0, seed: int = 0,
+                 batch_size: int = 16, clip_model: str | None = None,
+                 kid_subset_size: int = 100) -> None:  # fmt: skip
+        self.feature, self.num_images, self.every_n_steps = feature, num_images, every_n_steps
+        self.steps, self.guidance_scale, self.seed = num_inference_steps, guidance_scale, seed
+        self.batch_size, self.clip_model = batch_size, clip_model
+        self.kid_subset_size = kid_subset_size
+        # Checked here, when the config is built: before the model, the data and any step.
+        self.reference = load_reference(reference, val_urls, feature)
+        if prompts:
+            listed = read_prompts(prompts)
+        elif val_urls:
+            listed = val_captions(val_urls, num_images)
+        else:
+            raise ConfigError("callbacks.eval needs prompts=FILE or val_urls (data.val_urls)")
+        self.prompts = [listed[i % len(listed)] for i in range(num_images)]
+        self.last: dict[str, float] = {}
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        check_whole_weights(trainer, pl_module)
+        if self.num_images < 2 * trainer.world_size:
+            raise ConfigError(f"callbacks.eval.num_images={self.num_images}: at least 2 per "
+                              f"rank ({trainer.world_size} ranks)")  # fmt: skip
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step % self.every_n_steps == 0 and step < trainer.max_steps:
+            self.evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if preempted(trainer):
+            return
+        metrics = self.evaluate(trainer, pl_module)
+        if trainer.is_global_zero:
+            tag_registered_version(trainer, {f"eval.{k}": v for k, v in metrics.items()})
+
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        """Collective: every rank generates its share and the metrics are reduced over ranks."""
+        model = self._whole_model(trainer, pl_module)
+        rank, world = trainer.global_rank, trainer.world_size
+        metrics = ImageMetrics(self.feature, self.reference[rank::world], self.clip_model,
+                               self.kid_subset_size).to(pl_module.device)  # fmt: skip
+        mine = list(range(rank, self.num_images, world))
+        for start in range(0, len(mine), self.batch_size):
+            chunk = mine[start : start + self.batch_size]
+            images = self._generate(pl_module, chunk, model)
+            metrics.update(images, [self.prompts[i] for i in chunk])
+        self.last = {f"eval/{k}": v for k, v in metrics.compute().items()}
+        for key, value in self.last.items():  # what a sweep's optimized_metric reads
+            trainer.callback_metrics[key] = torch.tensor(value)
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(self.last, step=trainer.global_step)
+        return {k.removeprefix("eval/"): v for k, v in self.last.items()}
+
+    def _generate(self, pl_module, indices: list[int], model) -> torch.Tensor:
+        """uint8 images [N, 3, H, W] for prompts ``indices``, one seeded generator each."""
+        gens = [torch.Generator(device="cpu").manual_seed(self.seed + i) for i in indices]
+        prompts = [self.prompts[i] for i in indices]
+        images = pipelines.generate(pl_module, prompts, gens, self.steps, self.guidance_scale,
+                                    model, output_type="pt")  # fmt: skip
+        return (images.clamp(0, 1) * 255).round().to(torch.uint8)
+
+    @staticmethod
+    def _whole_model(trainer: L.Trainer, pl_module: L.LightningModule) -> nn.Module | None:
+        """Collective: the weights to evaluate on every rank (EMA, gathered), None for live."""
+        if not needs_whole_state(trainer):
+            return None
+        state = [whole_state(trainer, pl_module)]
+        if trainer.world_size > 1:  # rank 0 holds them: every rank generates its share
+            torch.distributed.broadcast_object_list(state, src=0)
+        return pl_module.model_from_state(state[0])
