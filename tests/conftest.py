@@ -133,3 +133,20 @@ def pytest_terminal_summary(terminalreporter) -> None:
         f"suite wall time: {elapsed:.0f} s ({elapsed / 60:.1f} min) on {cpu_model()}, "
         f"{os.cpu_count()} CPUs"
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory) -> Path:
+    """A random tiny CLIPModel and its CLIPProcessor, saved (FID/KID features, CLIP score)."""
+    from eval_nets import save_tiny_clip
+
+    return save_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
+
+
+@pytest.fixture(scope="session")
+def tiny_inception_file(tmp_path_factory) -> Path:
+    """A TorchScript file with the call convention of FID's Inception."""
+    from eval_nets import save_tiny_inception
+
+    return save_tiny_inception(tmp_path_factory.mktemp("tiny-inception") / "inception-tiny.pt")
+

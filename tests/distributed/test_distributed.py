@@ -29,6 +29,8 @@ from img2dataset_env import free_port
 from safetensors.torch import load_file
 
 from train.cli.export import main as export_main
+from train.evaluation.features import ClipImageFeatures
+from train.evaluation.reference import compute_reference
 
 LDM_TRAIN = str(Path(sys.executable).parent / "ldm-train")
 LDM_EXPORT = str(Path(sys.executable).parent / "ldm-export")
@@ -90,13 +92,25 @@ def max_diff(a_dir: Path, b_dir: Path, weights: str = UNET) -> float:
 
 
 @pytest.fixture(scope="module")
-def references(demo_shards: Path, tmp_path_factory: pytest.TempPathFactory):
+def eval_args(demo_shards: Path, tiny_clip_dir: Path, tmp_path_factory) -> list[str]:
+    """FID, KID and CLIP score at the end of the UNet runs (tiny CLIP features, 16 px)."""
+    ref = tmp_path_factory.mktemp("fid-ref") / "val.safetensors"
+    compute_reference(str(demo_shards), ClipImageFeatures(str(tiny_clip_dir)), ref, 16)
+    return ["callbacks/eval=clip", f"callbacks.eval.clip_model={tiny_clip_dir}",
+            f"callbacks.eval.reference={ref}", "callbacks.eval.every_n_steps=0",
+            "callbacks.eval.num_images=8", "callbacks.eval.num_inference_steps=2",
+            "callbacks.eval.batch_size=4"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def references(demo_shards: Path, tmp_path_factory: pytest.TempPathFactory, eval_args):
     """One process per family preset, trained once for all strategies that compare to it."""
     made: dict[str, dict[str, Path]] = {}
 
     def get(experiment: str) -> dict[str, Path]:
         if experiment not in made:
-            made[experiment] = single_run(demo_shards, tmp_path_factory, experiment)
+            extra = eval_args if experiment == "tiny" else []
+            made[experiment] = single_run(demo_shards, tmp_path_factory, experiment, extra)
         return made[experiment]
 
     return get
@@ -107,7 +121,9 @@ def reference(references) -> dict[str, Path]:
     return references("tiny")
 
 
-def single_run(demo_shards: Path, tmp_path_factory, experiment: str) -> dict[str, Path]:
+def single_run(
+    demo_shards: Path, tmp_path_factory, experiment: str, extra: list[str]
+) -> dict[str, Path]:
     """One process, the same global batch of 8: two micro-batches of 4 (accumulation), read by
     two loader workers, which cut the sample stream like two ranks with one reader each."""
     root = tmp_path_factory.mktemp("single")
@@ -119,6 +135,7 @@ def single_run(demo_shards: Path, tmp_path_factory, experiment: str) -> dict[str
         "batch.max_per_device=4",
         "trainer.val_check_interval=4",  # counted in batches: every 2 optimizer steps
         "run_name=single",
+        *extra,
     )
     assert "global batch 8 = 4 per device x 1 devices x 2 accumulation steps" in out.stdout
     run = root / "runs" / "single"
@@ -130,16 +147,19 @@ def single_run(demo_shards: Path, tmp_path_factory, experiment: str) -> dict[str
 @pytest.mark.parametrize("strategy", ["ddp", "deepspeed_zero2", "deepspeed_zero3", "fsdp"])
 @pytest.mark.parametrize("experiment", ["tiny", "pixart_tiny"], ids=["unet", "pixart"])
 def test_two_processes_train_resume_and_export_like_one(
-    strategy: str, experiment: str, demo_shards: Path, references, tmp_path: Path
+    strategy: str, experiment: str, demo_shards: Path, references, eval_args, tmp_path: Path
 ) -> None:
     """Train to step 2, stop, resume to step 4 from the (sharded) checkpoint; the gradient
     norms, the validation loss, the export and ldm-export's consolidation of the checkpoint all
-    match one process, for a UNet and for a transformer trained by rectified flow."""
+    match one process, for a UNet and for a transformer trained by rectified flow; the UNet's
+    FID, KID and CLIP score (each rank generating half the images) too."""
     reference, weights = references(experiment), WEIGHTS[experiment]
     # EMA and raw weights must differ, or the comparisons below could not tell them apart.
     assert max_diff(reference["ema"], reference["raw"], weights) > 1e-3
     args = [*common(demo_shards, experiment), "trainer.devices=2", f"strategy={strategy}",
             "trainer.val_check_interval=2", "run_name=r"]  # fmt: skip
+    if experiment == "tiny":
+        args += eval_args
     launcher = None if strategy == "ddp" else TORCHRUN
     # Stop at step 2 (as a preempted job would), then resume to step 4 from the checkpoint.
     first = ldm_train(tmp_path, *args, "trainer.max_steps=2", launcher=launcher)
@@ -160,6 +180,11 @@ def test_two_processes_train_resume_and_export_like_one(
     ours, ref = grad_norms(tmp_path, "val/loss"), grad_norms(reference["root"], "val/loss")
     assert [s for s, _ in ours] == [s for s, _ in ref] and len(ours) == 2  # steps 2, 4
     assert [v for _, v in ours] == pytest.approx([v for _, v in ref], rel=1e-5)
+    # The UNet's image metrics: each rank generated half the images, one number results.
+    for key in ("eval/fid", "eval/kid", "eval/clip_score") if experiment == "tiny" else ():
+        ours, ref = grad_norms(tmp_path, key), grad_norms(reference["root"], key)
+        assert [s for s, _ in ours] == [2, 4] and [s for s, _ in ref] == [4], key
+        assert ours[-1][1] == pytest.approx(ref[-1][1], rel=1e-5, abs=1e-7), key
     previews = sorted(p.name for p in (run / "samples").iterdir())
     assert previews == ["final.png", "step_0000001.png", "step_0000003.png"]
     # The export written at the end of training (right after a validation pass, which leaves

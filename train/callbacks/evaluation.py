@@ -86,9 +86,12 @@ class ImageQuality(L.Callback):
         """Collective: every rank generates its share and the metrics are reduced over ranks."""
         model = self._whole_model(trainer, pl_module)
         rank, world = trainer.global_rank, trainer.world_size
-        metrics = ImageMetrics(self.feature, self.reference[rank::world], self.clip_model,
+        # Contiguous shares: gathered in rank order they are the one-process order, so KID's
+        # random subsets pick the same features on any world size.
+        share = torch.tensor_split(self.reference, world)[rank]
+        metrics = ImageMetrics(self.feature, share, self.clip_model,
                                self.kid_subset_size).to(pl_module.device)  # fmt: skip
-        mine = list(range(rank, self.num_images, world))
+        mine = torch.tensor_split(torch.arange(self.num_images), world)[rank].tolist()
         for start in range(0, len(mine), self.batch_size):
             chunk = mine[start : start + self.batch_size]
             images = self._generate(pl_module, chunk, model)

@@ -52,9 +52,9 @@ class ImageMetrics(nn.Module):
     """FID and KID over ``feature``'s embeddings (reference features as the real side) and,
     with ``clip_model``, CLIP score between images and their prompts.
 
-    ``update`` takes uint8 images [N, 3, H, W]. Under torch.distributed each rank updates with
-    its share; torchmetrics sums (FID, CLIP) or gathers (KID) the states in ``compute``, so
-    ``holds_reference`` must be True on one rank only, or the reference would count twice.
+    ``update`` takes uint8 images [N, 3, H, W]. Under torch.distributed each rank passes its
+    share of the reference features and of the images; torchmetrics sums (FID, CLIP) or gathers
+    (KID) the states in ``compute``, so every rank gets the numbers of the whole sets.
     """
 
     def __init__(
@@ -63,23 +63,21 @@ class ImageMetrics(nn.Module):
         reference: torch.Tensor,
         clip_model: str | None = None,
         kid_subset_size: int = 100,
-        holds_reference: bool = True,
     ) -> None:
         super().__init__()
         from torchmetrics.image.fid import FrechetInceptionDistance
         from torchmetrics.image.kid import KernelInceptionDistance
         from torchmetrics.multimodal.clip_score import CLIPScore
 
-        if reference.ndim != 2 or len(reference) < 2:
-            raise ValueError(f"reference features must be [N >= 2, D], got {list(reference.shape)}")
+        if reference.ndim != 2 or len(reference) < 1:
+            raise ValueError(f"reference features must be [N >= 1, D], got {list(reference.shape)}")
         self.fid = FrechetInceptionDistance(feature=feature, reset_real_features=False)
         self.kid = KernelInceptionDistance(feature=feature, subset_size=kid_subset_size,
                                            reset_real_features=False)  # fmt: skip
         self.clip = CLIPScore(model_name_or_path=clip_loader(clip_model)) if clip_model else None
         self.kid_subset_size = kid_subset_size
         self.num_reference = len(reference)
-        if holds_reference:
-            self._set_reference(reference.double())
+        self._set_reference(reference.double())
 
     def _set_reference(self, feats: torch.Tensor) -> None:
         # torchmetrics has no API for precomputed real statistics; these are the states its
@@ -102,13 +100,13 @@ class ImageMetrics(nn.Module):
 
     def compute(self) -> dict[str, float]:
         """{"fid", "kid", "kid_std", "clip_score"}: one number each over every rank's images."""
-        fakes = int(self.fid.fake_features_num_samples)
+        counts = torch.tensor([int(self.fid.fake_features_num_samples), self.num_reference],
+                              device=self.fid.fake_features_sum.device)  # NCCL: on device
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            total = torch.tensor([fakes])
-            torch.distributed.all_reduce(total)
-            fakes = int(total)
+            torch.distributed.all_reduce(counts)
+        fakes, reals = counts.tolist()
         # KID averages an MMD over random subsets; they cannot be larger than either side.
-        self.kid.subset_size = max(2, min(self.kid_subset_size, fakes, self.num_reference))
+        self.kid.subset_size = max(2, min(self.kid_subset_size, fakes, reals))
         with torch.random.fork_rng(devices=[]):  # KID's subsets: the same on any world size
             torch.manual_seed(0)
             kid_mean, kid_std = self.kid.compute()

@@ -6,12 +6,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import torch
 
 
-@pytest.fixture(scope="session")
-def tiny_clip_dir(tmp_path_factory) -> Path:
+def save_tiny_clip(out: Path) -> Path:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
     from train.models.conditioners.tiny_tokenizers import tiny_clip_tokenizer
@@ -24,7 +22,6 @@ def tiny_clip_dir(tmp_path_factory) -> Path:
                            num_hidden_layers=2, image_size=32, patch_size=8),
         projection_dim=16,
     )  # fmt: skip
-    out = tmp_path_factory.mktemp("tiny-clip")
     CLIPModel(config).eval().save_pretrained(out)
     image_processor = CLIPImageProcessor(size={"shortest_edge": 32},
                                          crop_size={"height": 32, "width": 32})  # fmt: skip
@@ -45,9 +42,7 @@ class _TinyInception(torch.nn.Module):
         return torch.nn.functional.adaptive_avg_pool2d(h, 1).flatten(1)
 
 
-@pytest.fixture(scope="session")
-def tiny_inception_file(tmp_path_factory) -> Path:
+def save_tiny_inception(path: Path) -> Path:
     torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny-inception") / "inception-tiny.pt"
     torch.jit.save(torch.jit.script(_TinyInception()), str(path))
     return path
