@@ -3,8 +3,6 @@ set, every N steps and at the end, logged as ``eval/*`` and put on the registere
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import lightning as L
 import torch
 from torch import nn
@@ -13,30 +11,10 @@ from train.callbacks.outputs import check_whole_weights, needs_whole_state, whol
 from train.callbacks.preemption import preempted
 from train.errors import ConfigError
 from train.evaluation.metrics import ImageMetrics
+from train.evaluation.prompts import cycled, read_prompts, val_captions
 from train.evaluation.reference import load_reference
 from train.tasks import pipelines
 from train.tracking.tags import tag_registered_version
-
-
-def read_prompts(path: str | Path) -> list[str]:
-    """One prompt per non-blank line."""
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"callbacks.eval.prompts={file}: no such file (one prompt per line)")
-    prompts = [line.strip() for line in file.read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise ConfigError(f"callbacks.eval.prompts={file}: the file holds no prompt")
-    return prompts
-
-
-def val_captions(urls: str, count: int) -> list[str]:
-    from data.evalset import iter_eval_samples, set_fingerprint
-
-    captions = [s.caption for s in iter_eval_samples(set_fingerprint(urls)[1], 8, count)]
-    if not any(captions):
-        raise ConfigError(f"callbacks.eval: the validation shards {urls} hold no captions; "
-                          "give callbacks.eval.prompts=FILE")  # fmt: skip
-    return captions
 
 
 class ImageQuality(L.Callback):
@@ -61,7 +39,7 @@ class ImageQuality(L.Callback):
             listed = val_captions(val_urls, num_images)
         else:
             raise ConfigError("callbacks.eval needs prompts=FILE or val_urls (data.val_urls)")
-        self.prompts = [listed[i % len(listed)] for i in range(num_images)]
+        self.prompts = cycled(listed, num_images)
         self.last: dict[str, float] = {}
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

@@ -12,11 +12,12 @@ from typing import Any
 from torch import nn
 
 
-def add_feature_args(parser: argparse.ArgumentParser) -> None:
+def add_feature_args(parser: Any, required: bool = True) -> None:
     """The feature-extractor flags, shared by every command that computes FID/KID."""
-    group = parser.add_mutually_exclusive_group(required=True)
+    group = parser.add_mutually_exclusive_group(required=required)
     group.add_argument(
-        "--clip-model", metavar="DIR_OR_ID", help="CLIP image embeddings (folder or hub id)"
+        "--clip-model", metavar="DIR_OR_ID", help="CLIP features (folder or hub id); ldm-eval "
+        "also scores CLIP score with it"
     )
     group.add_argument(
         "--inception", metavar="FILE", help="FID's Inception (inception-2015-12-05.pt)"
