@@ -44,6 +44,8 @@ NOT_RUN = {
     "ldm-export outputs/runs/demo/": "a trained checkpoint (tests/cli/test_sampling_cli.py)",
     "ldm-sample /tmp/my-export": "an export (tests/cli/test_sampling_cli.py)",
     "ldm-eval outputs/runs/demo-dit/export": "a trained demo_dit export (minutes of training)",
+    "ldm-eval outputs/runs/demo/export --reference": "an export and a CLIP model "
+    "(tests/evaluation/test_ldm_eval.py runs it on tiny ones)",
 }
 # Placeholders made real for this machine (applied to the line before bash reads it).
 SUBSTITUTE = {
@@ -156,6 +158,9 @@ def run_train(argv: list[str]) -> dict:
 def run_data(argv: list[str]) -> dict | None:
     from train.cli.data import build_parser, main
 
+    if argv[1] == "stats":  # needs a CLIP model or Inception file: its arguments are parsed
+        build_parser().parse_args(argv[1:])
+        return None
     if argv[1] == "encode":  # its overrides are ldm-train's: composed before any model loads
         from omegaconf import OmegaConf
 
