@@ -150,3 +150,14 @@ def tiny_inception_file(tmp_path_factory) -> Path:
 
     return save_tiny_inception(tmp_path_factory.mktemp("tiny-inception") / "inception-tiny.pt")
 
+
+@pytest.fixture(scope="session")
+def reference_16px(demo_shards: Path, tiny_clip_dir: Path, tmp_path_factory) -> Path:
+    """`demo_shards`' reference features (tiny CLIP) at 16 px, the size the tiny preset makes."""
+    from train.evaluation.features import ClipImageFeatures
+    from train.evaluation.reference import compute_reference
+
+    out = tmp_path_factory.mktemp("ref16") / "val.safetensors"
+    compute_reference(str(demo_shards), ClipImageFeatures(str(tiny_clip_dir)), out, 16)
+    return out
+

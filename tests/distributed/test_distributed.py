@@ -29,8 +29,6 @@ from img2dataset_env import free_port
 from safetensors.torch import load_file
 
 from train.cli.export import main as export_main
-from train.evaluation.features import ClipImageFeatures
-from train.evaluation.reference import compute_reference
 
 LDM_TRAIN = str(Path(sys.executable).parent / "ldm-train")
 LDM_EXPORT = str(Path(sys.executable).parent / "ldm-export")
@@ -92,12 +90,10 @@ def max_diff(a_dir: Path, b_dir: Path, weights: str = UNET) -> float:
 
 
 @pytest.fixture(scope="module")
-def eval_args(demo_shards: Path, tiny_clip_dir: Path, tmp_path_factory) -> list[str]:
+def eval_args(tiny_clip_dir: Path, reference_16px: Path) -> list[str]:
     """FID, KID and CLIP score at the end of the UNet runs (tiny CLIP features, 16 px)."""
-    ref = tmp_path_factory.mktemp("fid-ref") / "val.safetensors"
-    compute_reference(str(demo_shards), ClipImageFeatures(str(tiny_clip_dir)), ref, 16)
     return ["callbacks/eval=clip", f"callbacks.eval.clip_model={tiny_clip_dir}",
-            f"callbacks.eval.reference={ref}", "callbacks.eval.every_n_steps=0",
+            f"callbacks.eval.reference={reference_16px}", "callbacks.eval.every_n_steps=0",
             "callbacks.eval.num_images=8", "callbacks.eval.num_inference_steps=2",
             "callbacks.eval.batch_size=4"]  # fmt: skip
 

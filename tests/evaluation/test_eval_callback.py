@@ -13,8 +13,6 @@ from mlflow.tracking import MlflowClient
 from train.cli.run import RUN_ID_FILE, run
 from train.config.compose import compose
 from train.errors import ConfigError
-from train.evaluation.features import ClipImageFeatures
-from train.evaluation.reference import compute_reference
 
 
 def eval_overrides(root: Path, shards: Path, clip: Path, reference: Path) -> list[str]:
@@ -23,14 +21,6 @@ def eval_overrides(root: Path, shards: Path, clip: Path, reference: Path) -> lis
             f"callbacks.eval.reference={reference}", "callbacks.eval.every_n_steps=2",
             "callbacks.eval.num_images=8", "callbacks.eval.num_inference_steps=2",
             "callbacks.eval.batch_size=4"]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def reference_16px(demo_shards: Path, tiny_clip_dir: Path, tmp_path_factory) -> Path:
-    """The tiny preset generates 16 px images: the reference is made at that size."""
-    out = tmp_path_factory.mktemp("ref16") / "val.safetensors"
-    compute_reference(str(demo_shards), ClipImageFeatures(str(tiny_clip_dir)), out, 16)
-    return out
 
 
 def test_metrics_are_logged_per_step_and_put_on_the_model_version(

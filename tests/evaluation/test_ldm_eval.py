@@ -11,15 +11,6 @@ import pytest
 from cli_runner import run_cli
 
 from train.cli.evaluate import main as eval_main
-from train.evaluation.features import ClipImageFeatures
-from train.evaluation.reference import compute_reference
-
-
-@pytest.fixture(scope="module")
-def reference_16px(demo_shards: Path, tiny_clip_dir: Path, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ref16") / "val.safetensors"
-    compute_reference(str(demo_shards), ClipImageFeatures(str(tiny_clip_dir)), out, 16)
-    return out
 
 
 def test_ldm_eval_scores_an_export_on_the_validation_captions(
