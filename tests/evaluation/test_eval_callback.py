@@ -28,8 +28,10 @@ def test_metrics_are_logged_per_step_and_put_on_the_model_version(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    cfg = compose(eval_overrides(tmp_path, demo_shards, tiny_clip_dir, reference_16px))
-    run(cfg)
+    # What a sweep optimises: run() returns it (train/cli/run.py).
+    cfg = compose([*eval_overrides(tmp_path, demo_shards, tiny_clip_dir, reference_16px),
+                   "optimized_metric=eval/fid"])  # fmt: skip
+    returned = run(cfg)
     client = MlflowClient(tracking_uri=cfg.logger.mlflow.tracking_uri)
     run_id = (Path(cfg.paths.run_dir) / RUN_ID_FILE).read_text().strip()
     histories = {k: sorted((m.step, m.value) for m in client.get_metric_history(run_id, k))
@@ -39,6 +41,7 @@ def test_metrics_are_logged_per_step_and_put_on_the_model_version(
         assert [s for s, _ in history] == [2, 4], key  # every 2 steps, and the end (step 4)
         assert all(math.isfinite(v) for _, v in history), key
     assert all(v > 0 for _, v in histories["eval/fid"])  # generated vs real: never identical
+    assert returned == pytest.approx(histories["eval/fid"][-1][1])
     (version,) = client.search_model_versions(f"run_id='{run_id}'")
     assert float(version.tags["eval.fid"]) == pytest.approx(histories["eval/fid"][-1][1])
     assert float(version.tags["eval.clip_score"]) == pytest.approx(
