@@ -73,7 +73,7 @@ def test_bad_evaluation_settings_fail_before_training(
     override = change.format(missing=tmp_path / "missing", empty=tmp_path / "empty.txt",
                              other=other)  # fmt: skip
     cfg = compose([*eval_overrides(tmp_path, demo_shards, tiny_clip_dir, reference_16px),
-                   override])  # fmt: skip
+                   override, "logger=none"])  # fmt: skip
     with pytest.raises(ConfigError, match=message):
         run(cfg)
     # Refused while the callbacks are built: before the model, the data and any step.
