@@ -56,8 +56,9 @@ def test_metrics_are_logged_per_step_and_put_on_the_model_version(
         ("callbacks.eval.prompts={empty}", "the file holds no prompt"),
         ("callbacks.eval.clip_model={missing}", "CLIP model folder .* does not exist"),
         ("data.val_urls={other}", "belong to another set"),
+        ("callbacks.eval.reference={ref32}", "made at 32 px, the images here are 16 px"),
     ],
-    ids=["reference", "prompts", "extractor", "set"],
+    ids=["reference", "prompts", "extractor", "set", "resolution"],
 )
 def test_bad_evaluation_settings_fail_before_training(
     change: str, message: str, demo_shards: Path, tiny_clip_dir: Path, reference_16px: Path,
@@ -70,8 +71,14 @@ def test_bad_evaluation_settings_fail_before_training(
     other = tmp_path / "other"
     if "other" in change:
         write_demo_shards(other, num_samples=32, samples_per_shard=32, size=32, seed=2)
+    ref32 = tmp_path / "ref32.safetensors"
+    if "ref32" in change:
+        from train.evaluation.features import ClipImageFeatures
+        from train.evaluation.reference import compute_reference
+
+        compute_reference(str(demo_shards), ClipImageFeatures(str(tiny_clip_dir)), ref32, 32)
     override = change.format(missing=tmp_path / "missing", empty=tmp_path / "empty.txt",
-                             other=other)  # fmt: skip
+                             other=other, ref32=ref32)  # fmt: skip
     cfg = compose([*eval_overrides(tmp_path, demo_shards, tiny_clip_dir, reference_16px),
                    override, "logger=none"])  # fmt: skip
     with pytest.raises(ConfigError, match=message):

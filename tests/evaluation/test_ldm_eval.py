@@ -39,8 +39,10 @@ def test_ldm_eval_scores_an_export_on_the_validation_captions(
         (["--val-urls", "SHARDS"], "needs the extractor it was made with"),
         (["--clip-model", "ROOT/nope", "--prompts", "EMPTY"], "holds no prompt"),
         (["--clip-model", "ROOT/nope", "--val-urls", "SHARDS"], "CLIP model folder .*nope"),
+        (["--clip-model", "CLIP", "--val-urls", "SHARDS", "--reference", "REF32"],
+         "--reference=.*ref32.safetensors was made at 32 px, the images here are 16 px"),
     ],
-    ids=["empty-prompts", "no-extractor", "prompts-first", "missing-clip"],
+    ids=["empty-prompts", "no-extractor", "prompts-first", "missing-clip", "resolution"],
 )
 def test_ldm_eval_bad_quality_inputs_exit_2_before_generation(
     args, message, tiny_run, demo_shards: Path, tiny_clip_dir: Path, reference_16px: Path,
@@ -50,8 +52,15 @@ def test_ldm_eval_bad_quality_inputs_exit_2_before_generation(
 
     run_dir, _ = tiny_run
     (tmp_path / "empty.txt").write_text("\n\n")
+    if "REF32" in args:
+        from train.evaluation.features import ClipImageFeatures
+        from train.evaluation.reference import compute_reference
+
+        feature = ClipImageFeatures(str(tiny_clip_dir))
+        compute_reference(str(demo_shards), feature, tmp_path / "ref32.safetensors", 32)
     args = [a.replace("EMPTY", str(tmp_path / "empty.txt")).replace("SHARDS", str(demo_shards))
             .replace("ROOT", str(tmp_path)).replace("CLIP", str(tiny_clip_dir))
+            .replace("REF32", str(tmp_path / "ref32.safetensors"))
             for a in args]  # fmt: skip
     proc = run_cli(eval_main, ["ldm-eval", str(run_dir / "export"), "--reference",
                                str(reference_16px), *args])  # fmt: skip

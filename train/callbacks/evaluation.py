@@ -12,7 +12,7 @@ from train.callbacks.preemption import preempted
 from train.errors import ConfigError
 from train.evaluation.metrics import ImageMetrics
 from train.evaluation.prompts import cycled, read_prompts, val_captions
-from train.evaluation.reference import load_reference
+from train.evaluation.reference import check_resolution, load_reference
 from train.tasks import pipelines
 from train.tracking.tags import tag_registered_version
 
@@ -33,6 +33,7 @@ class ImageQuality(L.Callback):
         self.kid_subset_size = kid_subset_size
         # Checked here, when the config is built: before the model, the data and any step.
         self.reference = load_reference(reference, val_urls, feature)
+        self.reference_path = reference
         if prompts:
             listed = read_prompts(prompts)
         elif val_urls:
@@ -44,6 +45,7 @@ class ImageQuality(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         check_whole_weights(trainer, pl_module)
+        check_resolution(self.reference_path, pl_module.resolution, "callbacks.eval.reference")
         if self.num_images < 2 * trainer.world_size:
             raise ConfigError(f"callbacks.eval.num_images={self.num_images}: at least 2 per "
                               f"rank ({trainer.world_size} ranks)")  # fmt: skip

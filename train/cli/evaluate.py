@@ -78,10 +78,12 @@ def quality_inputs(args: argparse.Namespace) -> tuple:
 def evaluate_quality(args: argparse.Namespace, inputs: tuple) -> dict[str, float]:
     """FID, KID (and CLIP score with --clip-model) of the export's images for the prompts."""
     from train.evaluation.metrics import ImageMetrics
-    from train.evaluation.reference import images_to_uint8
+    from train.evaluation.reference import check_resolution, images_to_uint8
 
     feature, reference, prompts = inputs
     pipe = load_pipeline(args.export, args.scheduler)
+    images = generate(pipe, prompts[:1], 1, args.guidance_scale, args.seed)  # its size, cheaply
+    check_resolution(args.reference, images[0].width, "--reference")
     images = generate(pipe, prompts, args.steps, args.guidance_scale, args.seed)
     _write_grid(images, args.grid)
     metrics = ImageMetrics(feature, reference, args.clip_model)

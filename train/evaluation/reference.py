@@ -59,6 +59,24 @@ def compute_reference(
     return meta
 
 
+def reference_resolution(path: str | Path) -> int:
+    """The side the reference images were resized to (`ldm-data stats --resolution`)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return int((f.metadata() or {}).get("resolution", 0))
+
+
+def check_resolution(path: str | Path, generated: int, setting: str) -> None:
+    """Generated images must be compared with references made at their size."""
+    made = reference_resolution(path)
+    if made and made != generated:
+        raise ConfigError(
+            f"{setting}={path} was made at {made} px, the images here are {generated} px: "
+            f"recompute it with `ldm-data stats ... --resolution {generated}`"
+        )
+
+
 def load_reference(
     path: str | Path, urls: str | list[str] | None, feature: nn.Module
 ) -> torch.Tensor:
