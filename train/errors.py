@@ -35,6 +35,15 @@ BAD_INPUT: tuple[type[BaseException], ...] = (
 )
 
 
+def cause_of(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
+    """The first exception of ``kinds`` in ``exc``'s chain of causes (e.g. a part's own check
+    that Hydra's InstantiationException wraps), or None."""
+    cause = exc.__cause__
+    while cause is not None and not isinstance(cause, kinds):
+        cause = cause.__cause__
+    return cause
+
+
 def debugging(flag: bool = False) -> bool:
     """True when tracebacks were asked for: `--debug` or Hydra's HYDRA_FULL_ERROR=1."""
     return flag or os.environ.get("HYDRA_FULL_ERROR") == "1"

@@ -54,6 +54,16 @@ def test_real_against_itself_is_near_zero_and_against_noise_far(
     assert abs(same["fid"]) < 1e-6 and far["fid"] > 1.0
     assert far["kid"] > 3 * abs(same["kid"]) and far["kid"] > 0.1
 
+    # One ImageMetrics serves every evaluation of a run: reset() forgets the generated side only.
+    metrics = ImageMetrics(feature, load_reference(clip_reference, str(demo_shards), feature))
+    for batch in noise.split(16):  # in the batches `scores` used: the same float rounding
+        metrics.update(batch)
+    first = metrics.compute()
+    metrics.reset()
+    for batch in images.split(16):
+        metrics.update(batch)
+    assert metrics.compute() == pytest.approx(same) and first == pytest.approx(far)
+
 
 def embedding(out) -> torch.Tensor:
     """Unit CLIP embeddings from get_*_features (a tensor, or an output holding it)."""

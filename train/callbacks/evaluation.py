@@ -11,7 +11,7 @@ from train.callbacks.outputs import check_whole_weights, needs_whole_state, whol
 from train.callbacks.preemption import preempted
 from train.errors import ConfigError
 from train.evaluation.metrics import ImageMetrics
-from train.evaluation.prompts import cycled, read_prompts, val_captions
+from train.evaluation.prompts import prompt_set
 from train.evaluation.reference import check_resolution, load_reference
 from train.tasks import pipelines
 from train.tracking.tags import tag_registered_version
@@ -34,14 +34,9 @@ class ImageQuality(L.Callback):
         # Checked here, when the config is built: before the model, the data and any step.
         self.reference = load_reference(reference, val_urls, feature)
         self.reference_path = reference
-        if prompts:
-            listed = read_prompts(prompts)
-        elif val_urls:
-            listed = val_captions(val_urls, num_images)
-        else:
-            raise ConfigError("callbacks.eval needs prompts=FILE or val_urls (data.val_urls)")
-        self.prompts = cycled(listed, num_images)
-        self.last: dict[str, float] = {}
+        self.prompts = prompt_set(prompts, val_urls, num_images, "callbacks.eval.prompts",
+                                  "callbacks.eval needs prompts=FILE or val_urls (data.val_urls)")
+        self.metrics: ImageMetrics | None = None  # built in setup: its share needs the rank
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         check_whole_weights(trainer, pl_module)
@@ -49,6 +44,10 @@ class ImageQuality(L.Callback):
         if self.num_images < 2 * trainer.world_size:
             raise ConfigError(f"callbacks.eval.num_images={self.num_images}: at least 2 per "
                               f"rank ({trainer.world_size} ranks)")  # fmt: skip
+        # Contiguous shares: gathered in rank order they are the one-process order, so KID's
+        # random subsets pick the same features on any world size.
+        share = torch.tensor_split(self.reference, trainer.world_size)[trainer.global_rank]
+        self.metrics = ImageMetrics(self.feature, share, self.clip_model, self.kid_subset_size)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -65,24 +64,22 @@ class ImageQuality(L.Callback):
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         """Collective: every rank generates its share and the metrics are reduced over ranks."""
         model = self._whole_model(trainer, pl_module)
-        rank, world = trainer.global_rank, trainer.world_size
-        # Contiguous shares: gathered in rank order they are the one-process order, so KID's
-        # random subsets pick the same features on any world size.
-        share = torch.tensor_split(self.reference, world)[rank]
-        metrics = ImageMetrics(self.feature, share, self.clip_model,
-                               self.kid_subset_size).to(pl_module.device)  # fmt: skip
-        mine = torch.tensor_split(torch.arange(self.num_images), world)[rank].tolist()
+        metrics = self.metrics.to(pl_module.device)
+        shares = torch.tensor_split(torch.arange(self.num_images), trainer.world_size)
+        mine = shares[trainer.global_rank].tolist()
         for start in range(0, len(mine), self.batch_size):
             chunk = mine[start : start + self.batch_size]
             images = self._generate(pl_module, chunk, model)
             metrics.update(images, [self.prompts[i] for i in chunk])
-        self.last = {f"eval/{k}": v for k, v in metrics.compute().items()}
-        for key, value in self.last.items():  # what a sweep's optimized_metric reads
+        scores = metrics.compute()
+        metrics.reset()  # the generated side only: the reference stays
+        logged = {f"eval/{k}": v for k, v in scores.items()}
+        for key, value in logged.items():  # what a sweep's optimized_metric reads
             trainer.callback_metrics[key] = torch.tensor(value)
         if trainer.is_global_zero:
             for logger in trainer.loggers:
-                logger.log_metrics(self.last, step=trainer.global_step)
-        return {k.removeprefix("eval/"): v for k, v in self.last.items()}
+                logger.log_metrics(logged, step=trainer.global_step)
+        return scores
 
     def _generate(self, pl_module, indices: list[int], model) -> torch.Tensor:
         """uint8 images [N, 3, H, W] for prompts ``indices``, one seeded generator each."""

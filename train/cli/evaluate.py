@@ -57,22 +57,18 @@ def _write_grid(images: list, grid_path: Path | None) -> None:
 
 def quality_inputs(args: argparse.Namespace) -> tuple:
     """(feature net, reference features, prompts): every input checked, before generation."""
-    from train.evaluation.prompts import cycled, read_prompts, val_captions
+    from train.evaluation.prompts import prompt_set
     from train.evaluation.reference import load_reference
 
     if not (args.clip_model or args.inception):
         raise ConfigError("--reference needs the extractor it was made with: --clip-model or "
                           "--inception")  # fmt: skip
-    if args.prompts:
-        prompts = read_prompts(args.prompts, "--prompts")
-    elif args.val_urls:
-        prompts = val_captions(args.val_urls, args.num_samples, "--prompts")
-    else:
-        raise ConfigError("--reference needs --prompts FILE or --val-urls SHARDS (the set the "
-                          "reference was made from)")  # fmt: skip
+    prompts = prompt_set(args.prompts, args.val_urls, args.num_samples, "--prompts",
+                         "--reference needs --prompts FILE or --val-urls SHARDS (the set the "
+                         "reference was made from)")  # fmt: skip
     feature = feature_from_args(args)
     reference = load_reference(args.reference, args.val_urls, feature)
-    return feature, reference, cycled(prompts, args.num_samples)
+    return feature, reference, prompts
 
 
 def evaluate_quality(args: argparse.Namespace, inputs: tuple) -> dict[str, float]:

@@ -7,7 +7,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from train.errors import BAD_INPUT, ArgumentParser, ConfigError, bad_input, debug_flag
+from train.errors import BAD_INPUT, ArgumentParser, ConfigError, bad_input, cause_of, debug_flag
 
 # torch, Hydra, Lightning and diffusers load inside the functions: `check_checkpoint` answers a
 # wrong path in about a second, not after 8 s of imports.
@@ -29,9 +29,7 @@ def build_module(model: Any, seed: int) -> Any:
     except InstantiationException as e:
         # A part's own check (e.g. a backbone that does not fit the VAE) raised ConfigError
         # inside Hydra: answer it as the one-line config error it is.
-        cause = e.__cause__
-        while cause is not None and not isinstance(cause, ConfigError):
-            cause = cause.__cause__
+        cause = cause_of(e, (ConfigError,))
         if cause is None:
             raise
         raise cause from None

@@ -27,6 +27,7 @@ from train.config.checks import ConfigError, check_config
 from train.config.resume import check_resume_data
 from train.config.run_files import RUN_ID_FILE, check_fresh_start, checkpoint_dir, save_hydra_files
 from train.distributed.checkpoint_io import resolve_checkpoint
+from train.errors import cause_of
 from train.tracking.lineage import dataset_manifest, requirements
 from train.tracking.secrets import redact
 from train.tracking.tags import (
@@ -101,9 +102,7 @@ def build_callback(name: str, node: DictConfig) -> L.Callback:
     try:
         return instantiate(node)
     except InstantiationException as e:
-        cause = e.__cause__
-        while cause is not None and not isinstance(cause, (ConfigError, FileNotFoundError)):
-            cause = cause.__cause__
+        cause = cause_of(e, (ConfigError, FileNotFoundError))
         if cause is None:
             raise
         raise ConfigError(f"callbacks.{name}: {cause}") from None

@@ -98,6 +98,13 @@ class ImageMetrics(nn.Module):
                 raise ValueError("CLIP score needs one prompt per image")
             self.clip.update(images, prompts)
 
+    def reset(self) -> None:
+        """Forget the generated images; the reference features stay (reset_real_features)."""
+        self.fid.reset()
+        self.kid.reset()
+        if self.clip is not None:
+            self.clip.reset()
+
     def compute(self) -> dict[str, float]:
         """{"fid", "kid", "kid_std", "clip_score"}: one number each over every rank's images."""
         counts = torch.tensor([int(self.fid.fake_features_num_samples), self.num_reference],

@@ -28,6 +28,20 @@ def val_captions(urls: str, count: int, setting: str = "callbacks.eval.prompts")
     return captions
 
 
+def prompt_set(
+    prompts: str | Path | None, val_urls: str | None, count: int, setting: str, missing: str
+) -> list[str]:
+    """``count`` prompts: the file's, else the validation set's captions (cycled); ``missing``
+    is the error when neither is given."""
+    if prompts:
+        listed = read_prompts(prompts, setting)
+    elif val_urls:
+        listed = val_captions(val_urls, count, setting)
+    else:
+        raise ConfigError(missing)
+    return cycled(listed, count)
+
+
 def cycled(prompts: list[str], count: int) -> list[str]:
     """``count`` prompts, repeating the list as needed."""
     return [prompts[i % len(prompts)] for i in range(count)]
