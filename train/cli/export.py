@@ -76,8 +76,6 @@ def export_checkpoint(
     """Write the diffusers-layout export of a checkpoint: EMA weights when it has them. Rebuilt
     from the checkpoint's parts spec (diffusers configs); a checkpoint from before the spec
     existed goes through its saved config (`train.tasks.legacy`)."""
-    from train.callbacks.ema import ema_from_checkpoint
-    from train.tasks.parts_spec import rebuild_pipeline, trainable_state
     from train.util import atomic_dir
 
     ckpt = load_checkpoint(ckpt_path, allow_pickle)
@@ -86,13 +84,24 @@ def export_checkpoint(
         module.eval()
         model = module.model_from_state(ema) if use_ema and ema is not None else None
         return module.export(out_dir, model)
-    spec = ckpt["ldm_parts"]
-    ema = ema_from_checkpoint(ckpt) if use_ema else None
-    state = ema if ema is not None else trainable_state(spec, ckpt["state_dict"])
-    pipe = rebuild_pipeline(spec, state)
+    pipe = checkpoint_pipeline(ckpt, use_ema)
     with atomic_dir(out_dir) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
     return Path(out_dir)
+
+
+def checkpoint_pipeline(ckpt: dict, use_ema: bool = True) -> Any:
+    """The diffusers pipeline of a loaded checkpoint (EMA weights when it has them and `use_ema`),
+    in memory: what `export_checkpoint` saves, and what `ldm-eval --watch` scores."""
+    from train.callbacks.ema import ema_from_checkpoint
+    from train.tasks.parts_spec import rebuild_pipeline, trainable_state
+
+    if "ldm_parts" not in ckpt:
+        raise ValueError("the checkpoint predates its parts spec: export it with ldm-export")
+    spec = ckpt["ldm_parts"]
+    ema = ema_from_checkpoint(ckpt) if use_ema else None
+    state = ema if ema is not None else trainable_state(spec, ckpt["state_dict"])
+    return rebuild_pipeline(spec, state)
 
 
 def check_checkpoint(path: str | Path) -> None:

@@ -11,17 +11,7 @@ from typing import Any
 
 from torch import nn
 
-
-def add_feature_args(parser: Any, required: bool = True) -> None:
-    """The feature-extractor flags, shared by every command that computes FID/KID."""
-    group = parser.add_mutually_exclusive_group(required=required)
-    group.add_argument(
-        "--clip-model", metavar="DIR_OR_ID", help="CLIP features (folder or hub id); ldm-eval "
-        "also scores CLIP score with it"
-    )
-    group.add_argument(
-        "--inception", metavar="FILE", help="FID's Inception (inception-2015-12-05.pt)"
-    )
+from train.evaluation.options import add_feature_args
 
 
 def feature_from_args(args: argparse.Namespace) -> nn.Module:

@@ -85,6 +85,16 @@ def load_pipeline(
     pipe = diffusers.DiffusionPipeline.from_pretrained(
         export_dir, use_safetensors=None if allow_pickle else True, **absent_parts(export_dir)
     )
+    return set_scheduler(pipe, scheduler, export_dir)
+
+
+def set_scheduler(
+    pipe: DiffusionPipeline, scheduler: str | None, source: str | Path
+) -> DiffusionPipeline:
+    """`scheduler` (a SCHEDULERS name; None: DDIM, or a flow pipeline's own sampler) as the
+    pipeline's sampler, no progress bar. `source` names the weights in the error."""
+    import diffusers
+
     own = pipe.scheduler
     if not is_flow_scheduler(own):
         name, options = SCHEDULERS[scheduler or DEFAULT_SCHEDULER]
@@ -94,7 +104,7 @@ def load_pipeline(
         chosen = getattr(diffusers, name).from_config(own.config, **options)
         if not is_flow_scheduler(chosen):
             raise ConfigError(
-                f"{export_dir} samples a rectified flow with its {type(own).__name__}; "
+                f"{source} samples a rectified flow with its {type(own).__name__}; "
                 f"--scheduler {scheduler} ({name}) cannot: leave --scheduler out"
             )
         pipe.scheduler = chosen

@@ -15,8 +15,7 @@ from torch import nn
 from data.evalset import iter_eval_samples, set_fingerprint
 from train.errors import ConfigError
 from train.evaluation.features import describe
-
-FORMAT = "ldm-pipeline/reference-features/1"
+from train.evaluation.options import REFERENCE_FORMAT as FORMAT
 
 
 def images_to_uint8(images: list) -> torch.Tensor:

@@ -128,18 +128,25 @@ def register_export(trainer: L.Trainer, name: str, artifact_path: str) -> None:
 def tag_registered_version(trainer: L.Trainer, tags: dict[str, float | str]) -> int:
     """Put ``tags`` on the model versions this run registered at this step (rank 0, after the
     export callback); returns how many versions got them. A tracker away costs a warning."""
+    return sum(
+        tag_versions(logger.experiment, logger.run_id, trainer.global_step, tags)
+        for logger in mlflow_loggers(trainer)
+    )
+
+
+def tag_versions(client: Any, run_id: str, step: int, tags: dict[str, float | str]) -> int:
+    """Put ``tags`` on the model versions run ``run_id`` registered from its export of ``step``
+    (an MlflowClient's); returns how many. A tracker away costs a warning."""
     tagged = 0
-    for logger in mlflow_loggers(trainer):
-        client, run_id = logger.experiment, logger.run_id
-        try:
-            for version in client.search_model_versions(f"run_id='{run_id}'"):
-                if version.tags.get("step") != str(trainer.global_step):
-                    continue
-                for key, value in tags.items():
-                    client.set_model_version_tag(version.name, version.version, key, str(value))
-                tagged += 1
-        except (MlflowException, OSError) as e:
-            warnings.warn(f"MLflow: could not tag the registered model version: {e}", stacklevel=2)
+    try:
+        for version in client.search_model_versions(f"run_id='{run_id}'"):
+            if version.tags.get("step") != str(step):
+                continue
+            for key, value in tags.items():
+                client.set_model_version_tag(version.name, version.version, key, str(value))
+            tagged += 1
+    except (MlflowException, OSError) as e:
+        warnings.warn(f"MLflow: could not tag the registered model version: {e}", stacklevel=2)
     return tagged
 
 
