@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from jobs.evaluation import eval_command, eval_name
 from jobs.launcher import DNS_LIMIT, Job, Launcher, SubmitError, dns_name
 
 # Keys of the MLflow Secret, read by MLflow's client from the environment; all optional, so one
@@ -130,17 +131,21 @@ class KubernetesLauncher(Launcher):
             env.append({"name": name, "valueFrom": ref_spec})
         return env + [{"name": k, "value": str(v)} for k, v in self.env.items()]
 
-    def container(self, job: Job) -> dict[str, Any]:
-        limits: dict[str, Any] = {"cpu": str(self.cpus_per_task * self.procs),
+    def container(self, job: Job, command: list[str] | None = None, procs: int | None = None,
+                  name: str | None = None) -> dict[str, Any]:  # fmt: skip
+        """The training container; `command`, `procs` (GPUs or CPU processes) and `name` for
+        another one (the evaluator)."""
+        procs = procs or self.procs
+        limits: dict[str, Any] = {"cpu": str(self.cpus_per_task * procs),
                                   "memory": f"{self.mem_gb}Gi"}  # fmt: skip
         requests = dict(limits)
         if self.gpus_per_node:
-            limits["nvidia.com/gpu"] = self.gpus_per_node
+            limits["nvidia.com/gpu"] = min(self.gpus_per_node, procs)
         return {
-            "name": self.container_name,
+            "name": name or self.container_name,
             "image": self.image,
             "imagePullPolicy": "IfNotPresent",
-            "command": self.command(job),
+            "command": command or self.command(job),
             "env": self.env_vars(job),
             "ports": [{"name": "rendezvous", "containerPort": self.master_port}],
             "resources": {"limits": limits, "requests": requests},
@@ -154,7 +159,8 @@ class KubernetesLauncher(Launcher):
             },  # fmt: skip
         }
 
-    def pod_template(self, job: Job, restart_policy: str, **extra: Any) -> dict[str, Any]:
+    def pod_template(self, job: Job, restart_policy: str, container: dict[str, Any] | None = None,
+                     **extra: Any) -> dict[str, Any]:  # fmt: skip
         spec: dict[str, Any] = {
             "restartPolicy": restart_policy,
             "terminationGracePeriodSeconds": self.grace_seconds,
@@ -165,7 +171,7 @@ class KubernetesLauncher(Launcher):
                 "runAsGroup": self.run_as_user,
                 "fsGroup": self.run_as_user,
             },
-            "containers": [self.container(job)],
+            "containers": [container or self.container(job)],
             "volumes": [
                 {"name": "shared", "persistentVolumeClaim": {"claimName": self.pvc}},
                 {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": f"{self.shm_gb}Gi"}},
@@ -188,6 +194,27 @@ class KubernetesLauncher(Launcher):
         job = Job(job.name, job.run_name, job.overrides, self.output_dir)  # paths in the pods
         docs = self.objects(job)
         return "---\n".join(yaml.safe_dump(d, sort_keys=False, width=100) for d in docs)
+
+    def render_eval(self, job: Job, eval_args: list[str]) -> str:
+        """A batch/v1 Job of one pod running `ldm-eval --watch` on the run's folder on the
+        shared volume; restarted pods resume (the watcher skips what it has scored)."""
+        job = Job(job.name, job.run_name, job.overrides, self.output_dir)  # paths in the pods
+        evaluator = Job(eval_name(job.name), job.run_name, [], job.paths_root)
+        command = eval_command(f"{job.paths_root}/runs/{job.run_name}", eval_args)
+        container = self.container(evaluator, command, procs=1, name="evaluator")
+        del container["ports"]  # no rendezvous
+        pod = self.pod_template(evaluator, "OnFailure", container)
+        pod["metadata"]["labels"]["ldm-pipeline/evaluates"] = job.name
+        doc = {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": self.metadata(evaluator),
+            "spec": {"backoffLimit": self.max_restarts, "template": pod},
+        }
+        return yaml.safe_dump(doc, sort_keys=False, width=100)
+
+    def submit_eval(self, job: Job, path: Path, submitted: str) -> str:
+        return self.submit(job, path)
 
     def submit(self, job: Job, path: Path) -> str:
         if not self.apply:

@@ -104,6 +104,17 @@ class Launcher:
         """Submit the rendered job written at `path`; returns what identifies it."""
         raise NotImplementedError
 
+    def render_eval(self, job: Job, eval_args: list[str]) -> str:
+        """The evaluation job beside `job` (jobs/evaluation.py): `ldm-eval --watch` on its run."""
+        raise SubmitError(
+            f"--eval: {type(self).__name__} renders no evaluation job; use launcher=slurm or a "
+            "Kubernetes launcher, or run `ldm-eval RUN_DIR --watch ...` beside the training"
+        )
+
+    def submit_eval(self, job: Job, path: Path, submitted: str) -> str:
+        """Submit the evaluation job at `path`, for the training job `submit` returned."""
+        raise NotImplementedError
+
 
 def user_overrides(overrides: list[str]) -> list[str]:
     """The overrides a job passes on to `ldm-train`: all but the launcher's own, refusing those

@@ -7,9 +7,21 @@ import shlex
 import subprocess
 from pathlib import Path
 
+from jobs.evaluation import EVAL_COMMAND, TRAIN_JOB_ENV, eval_name
 from jobs.launcher import Job, Launcher, SubmitError, local_command
 
 TIME = re.compile(r"^(\d+-)?\d+(:\d{2}){0,2}$|^\d+-\d+$")
+
+
+def option_lines(words: list[str]) -> list[str]:
+    """A command as lines that each start with an option (`--flag value` kept together)."""
+    lines: list[str] = []
+    for word in words:
+        if word.startswith("-") or not lines:
+            lines.append(word)
+        else:
+            lines[-1] += f" {word}"
+    return lines
 
 
 class SlurmLauncher(Launcher):
@@ -60,12 +72,14 @@ class SlurmLauncher(Launcher):
     def filename(self, job: Job) -> str:
         return f"{job.name}.sbatch"
 
-    def directives(self, job: Job) -> list[str]:
+    def directives(self, job: Job, tasks: int | None = None, gpus: int | None = None,
+                   signal: bool = True) -> list[str]:  # fmt: skip
+        """The #SBATCH lines; `tasks`/`gpus` per node (default: the training job's)."""
         opts = {
             "job-name": job.name,
-            "nodes": self.nodes,
-            "ntasks-per-node": self.procs,
-            "gpus-per-node": self.gpus_per_node or None,
+            "nodes": self.nodes if tasks is None else 1,
+            "ntasks-per-node": tasks or self.procs,
+            "gpus-per-node": (self.gpus_per_node if gpus is None else gpus) or None,
             "cpus-per-task": self.cpus_per_task,
             "mem": f"{self.mem_gb}G",
             "time": self.time,
@@ -79,8 +93,9 @@ class SlurmLauncher(Launcher):
         }
         lines = [f"#SBATCH --{k}={v}" for k, v in opts.items() if v is not None]
         if self.requeue:
-            signal = f"{self.signal_name}@{self.signal_seconds}"
-            lines += ["#SBATCH --requeue", f"#SBATCH --signal={signal}"]
+            lines.append("#SBATCH --requeue")
+        if self.requeue and signal:
+            lines.append(f"#SBATCH --signal={self.signal_name}@{self.signal_seconds}")
         return lines + [f"#SBATCH {x}" for x in self.sbatch_extra]
 
     def srun(self) -> list[str]:
@@ -139,6 +154,44 @@ class SlurmLauncher(Launcher):
             " \\\n  ".join([*map(shlex.quote, [*self.srun(), self.train_command]), *args]),
         ]
         return "\n".join(body) + "\n"
+
+    def render_eval(self, job: Job, eval_args: list[str]) -> str:
+        """One task (one GPU on GPU nodes) running `ldm-eval --watch` on the training job's run
+        folder, named by the training job's id in LDM_TRAIN_JOB_ID (`submit_eval` passes it).
+        Requeued, it resumes: the watcher skips what it has scored."""
+        evaluator = Job(eval_name(job.name), job.run_name, [], job.paths_root)
+        run_dir = f"{job.paths_root}/runs/{job.run_name}-${{{TRAIN_JOB_ENV}}}"
+        # srun ... ldm-eval "${RUN_DIR}" --watch on one line, then one line per option.
+        srun = " ".join(map(shlex.quote, [*self.srun(), EVAL_COMMAND]))
+        cmd_lines = [f'{srun} "${{RUN_DIR}}" --watch',
+                     *option_lines([shlex.quote(a) for a in eval_args])]  # fmt: skip
+        body = [
+            "#!/bin/bash",
+            f"# Rendered by ldm-submit; resubmit with: sbatch --export=ALL,{TRAIN_JOB_ENV}=<id> "
+            "<this file>",
+            *self.directives(evaluator, tasks=1, gpus=min(self.gpus_per_node, 1), signal=False),
+            "set -euo pipefail",
+            *self.log_lines(evaluator),
+            *self.path_lines(),
+            *self.setup,
+            *[f"export {k}={shlex.quote(str(v))}" for k, v in self.env.items()],
+            "# The training job's run folder: its run name carries that job's id.",
+            f': "${{{TRAIN_JOB_ENV}:?the id of the training job to evaluate}}"',
+            f'RUN_DIR="{run_dir}"',
+            " \\\n  ".join(cmd_lines),
+        ]
+        return "\n".join(body) + "\n"
+
+    def submit_eval(self, job: Job, path: Path, submitted: str) -> str:
+        """After the training job `submitted` has started; cancelled if it never can."""
+        out = subprocess.run(
+            ["sbatch", "--parsable", f"--dependency=after:{submitted}", "--kill-on-invalid-dep=yes",
+             f"--export=ALL,{TRAIN_JOB_ENV}={submitted}", str(path)],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        if out.returncode != 0:
+            raise SubmitError(f"sbatch {path} failed: {out.stderr.strip()}")
+        return out.stdout.strip().split(";")[0]
 
     def submit(self, job: Job, path: Path) -> str:
         out = subprocess.run(

@@ -2,6 +2,7 @@
 
     ldm-submit launcher=slurm launcher.nodes=2 launcher.gpus_per_node=8 experiment=demo ...
     ldm-submit launcher=k8s launcher.image=REGISTRY/ldm:TAG --dry-run experiment=demo ...
+    ldm-submit launcher=slurm ... --eval='--reference REF --clip-model CLIP --val-urls VAL'
 
 Everything except `launcher=`/`launcher.*` is passed to `ldm-train` in the job. The whole config
 is composed and checked here first, so a typo fails on the login node, not after the queue.
@@ -19,6 +20,7 @@ from hydra.errors import HydraException, InstantiationException
 from hydra.utils import instantiate
 from omegaconf.errors import OmegaConfBaseException
 
+from jobs.evaluation import eval_arguments, eval_name
 from jobs.launcher import Job, Launcher, SubmitError, user_overrides
 from train.errors import ArgumentParser, debug_flag, report
 
@@ -71,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--dry-run", action="store_true", help="print the job; submit nothing")
     parser.add_argument("--out", type=Path, help="job file (default: <paths.root>/jobs/<name>.*)")
+    parser.add_argument(
+        "--eval", metavar="ARGS", help="also an evaluation job: `ldm-eval RUN --watch ARGS` on "
+        "this run, scoring its checkpoints as they are written (ARGS: ldm-eval's options, "
+        "e.g. --eval='--reference REF --clip-model CLIP --val-urls VAL')"
+    )  # fmt: skip
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for ldm-train")
     args = parser.parse_intermixed_args(argv)  # flags before, between or after the overrides
     from train.errors import ConfigError
@@ -78,21 +85,37 @@ def main(argv: list[str] | None = None) -> int:
     try:
         launcher, job = prepare(args.overrides)
         text = launcher.render(job)
-        check_no_secrets(text)
+        eval_text = render_eval(launcher, job, args.eval) if args.eval is not None else None
+        check_no_secrets(text + (eval_text or ""))
     except (SubmitError, ConfigError, HydraException, OmegaConfBaseException) as e:
         return report("ldm-submit:", str(e), debug_flag(args))  # one line, exit 2
     if args.dry_run:
         print(text, end="")
+        if eval_text is not None:
+            print(f"# ---- evaluation job ({eval_name(job.name)}) ----\n{eval_text}", end="")
         return 0
     path = args.out or Path(job.paths_root) / "jobs" / launcher.filename(job)
     write(text, path)
+    eval_path = path.with_name(launcher.filename(Job(eval_name(job.name), job.run_name)))
+    if eval_text is not None:
+        write(eval_text, eval_path)
     print(f"job file: {path}", flush=True)
     try:
-        print(f"submitted: {launcher.submit(job, path)}", flush=True)
+        submitted = launcher.submit(job, path)
+        print(f"submitted: {submitted}", flush=True)
+        if eval_text is not None:
+            print(f"evaluation job file: {eval_path}", flush=True)
+            print(f"submitted: {launcher.submit_eval(job, eval_path, submitted)}", flush=True)
     except SubmitError as e:
         print(f"ldm-submit: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def render_eval(launcher: Launcher, job: Job, eval_args: str) -> str:
+    """The evaluation job's file; its options checked here (files too, where the job sees this
+    filesystem)."""
+    return launcher.render_eval(job, eval_arguments(eval_args, launcher.check_paths))
 
 
 def cli() -> None:

@@ -53,7 +53,7 @@ def test_watch_scores_checkpoints_as_they_appear_then_the_export(
     shutil.copy2(Path(cfg.paths.root) / "mlflow.db", db)
     run = tmp_path / "run"
     args = ["ldm-eval", str(run), "--watch", "--poll-seconds", "0.05", "--tracking-uri",
-            f"sqlite:///{db}", *quality_args(demo_shards, tiny_clip_dir, reference_16px)]  # fmt: skip
+            f"sqlite:///{db}", *quality_args(demo_shards, tiny_clip_dir, reference_16px)]
     result = {}
     watcher = threading.Thread(target=lambda: result.update(proc=run_cli(eval_main, args)))
     watcher.start()  # before the run folder exists, as a job may

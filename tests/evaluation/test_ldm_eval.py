@@ -38,7 +38,7 @@ def test_ldm_eval_scores_an_export_on_the_validation_captions(
         (["--clip-model", "CLIP", "--prompts", "EMPTY"], "--prompts=.*empty.txt: the file hol"),
         (["--val-urls", "SHARDS"], "needs the extractor it was made with"),
         (["--clip-model", "ROOT/nope", "--prompts", "EMPTY"], "holds no prompt"),
-        (["--clip-model", "ROOT/nope", "--val-urls", "SHARDS"], "--clip-model .*nope: no such CLIP"),
+        (["--clip-model", "ROOT/nope", "--val-urls", "SHARDS"], "-model .*nope: no such CLIP"),
         (["--clip-model", "CLIP", "--val-urls", "SHARDS", "--reference", "REF32"],
          "--reference=.*ref32.safetensors was made at 32 px, the images here are 16 px"),
     ],

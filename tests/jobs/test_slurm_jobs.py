@@ -129,3 +129,39 @@ def test_a_saved_dry_run_script_runs_under_sbatch(slurm, tmp_path: Path) -> None
     log = (root / "slurm" / f"tiny-{job_id}.out").read_text()
     assert slurm.final_sacct_state(job_id) == "COMPLETED", log
     assert f"other ldm-train: experiment=tiny data.urls={tmp_path}/shards" in log, log
+
+
+def test_evaluation_job_scores_the_checkpoints_while_the_training_writes_them(
+    slurm, demo_shards: Path, tiny_clip_dir: Path, reference_16px: Path, tmp_path: Path
+) -> None:
+    """`ldm-submit ... --eval=...`: a one-task job beside the training job, started when it
+    starts, scores each checkpoint as it is written into the training's MLflow run."""
+    import json
+
+    eval_args = (f"--reference {reference_16px} --val-urls {demo_shards} --clip-model "
+                 f"{tiny_clip_dir} --num-samples 8 --steps 2 --poll-seconds 0.5")  # fmt: skip
+    cmd = [SUBMIT, "launcher=slurm", "launcher.cpus_per_task=1", "launcher.mem_gb=4",
+           f"paths.root={tmp_path}", *tiny(demo_shards, 150),
+           "callbacks.checkpoint.every_n_train_steps=50", f"--eval={eval_args}"]  # fmt: skip
+    proc = slurm.run(*cmd, env=run_env(tmp_path), check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train_id, eval_id = re.findall(r"submitted: (\d+)", proc.stdout)
+    for job in (train_id, eval_id):
+        slurm.wait(job, timeout=600)
+    eval_log = (tmp_path / "slurm" / f"tiny-eval-{eval_id}.out").read_text()
+    assert slurm.final_sacct_state(train_id) == "COMPLETED", job_log(tmp_path, train_id)[-3000:]
+    assert slurm.final_sacct_state(eval_id) == "COMPLETED", eval_log[-3000:]
+
+    run = tmp_path / "runs" / f"tiny-{train_id}"
+    done = [json.loads(x) for x in (run / "eval" / "scores.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["source"]) for r in done] == [
+        (50, "step_0000050.ckpt"), (100, "step_0000100.ckpt"), (150, "step_0000150.ckpt"),
+        (150, "export")]  # fmt: skip
+    client, mlrun = mlflow_run(tmp_path, f"tiny-{train_id}")
+    history = client.get_metric_history(mlrun.info.run_id, "eval/fid")
+    assert sorted((m.step, m.value) for m in history) == [
+        (r["step"], r["scores"]["fid"]) for r in done[:3]]  # fmt: skip
+    first = min(m.timestamp for m in history)
+    assert first < mlrun.info.end_time, "the first checkpoint was scored while training ran"
+    (version,) = client.search_model_versions(f"run_id='{mlrun.info.run_id}'")
+    assert float(version.tags["eval.fid"]) == done[-1]["scores"]["fid"]
