@@ -38,13 +38,19 @@ $(VENV)/.installed: pyproject.toml Makefile
 	-@$(PY) -m train.config.signatures 2>/dev/null | tail -1
 	touch $@
 
-# Stage 1 trains the autoencoder, stage 2 the text-conditioned UNet in its latent space; then
-# ldm-eval scores held-out captions with the shapes checker.
+# Stage 1 trains the autoencoder; its VAE and the frozen text encoder then encode the shards once
+# (ldm-data encode), and stage 2 trains the text-conditioned UNet on those latents; ldm-eval
+# scores held-out captions with the shapes checker. SEED seeds both trainings.
+SEED ?= 0
+DEMO_VAE = $(abspath $(OUT))/runs/demo-autoencoder-$(STAMP)/export
 demo: setup
 	$(RUN) $(BIN)/ldm-data demo $(OUT)/data/shapes
-	$(RUN) $(BIN)/ldm-train experiment=demo_autoencoder run_name=demo-autoencoder-$(STAMP)
-	$(RUN) $(BIN)/ldm-train experiment=demo run_name=demo-$(STAMP) \
-	  model.vae.pretrained_model_name_or_path=$(abspath $(OUT))/runs/demo-autoencoder-$(STAMP)/export
+	$(RUN) $(BIN)/ldm-train experiment=demo_autoencoder run_name=demo-autoencoder-$(STAMP) seed=$(SEED)
+	$(RUN) $(BIN)/ldm-data encode $(OUT)/data/shapes-latents-$(STAMP) experiment=demo \
+	  model.vae.pretrained_model_name_or_path=$(DEMO_VAE)
+	$(RUN) $(BIN)/ldm-train experiment=demo run_name=demo-$(STAMP) seed=$(SEED) \
+	  model.vae.pretrained_model_name_or_path=$(DEMO_VAE) \
+	  data.urls=$(abspath $(OUT))/data/shapes-latents-$(STAMP) data.latents=true
 	$(RUN) $(BIN)/ldm-eval $(OUT)/runs/demo-$(STAMP)/export \
 	  --grid $(OUT)/runs/demo-$(STAMP)/heldout_grid.png --json $(OUT)/runs/demo-$(STAMP)/heldout_scores.json
 	@echo
