@@ -109,4 +109,4 @@ def test_watch_refuses_an_export_and_bad_inputs_before_waiting(
     proc = run_cli(eval_main, ["ldm-eval", str(tmp_path / "run"), "--watch",
                                *quality_args(demo_shards, tiny_clip_dir, missing)])  # fmt: skip
     assert proc.returncode == 2, proc.stderr
-    assert f"--reference={missing}: no such file" in proc.stderr
+    assert f"--reference: reference statistics {missing} do not exist" in proc.stderr

@@ -90,7 +90,7 @@ def test_dry_run_prints_both_jobs(capsys) -> None:
         ("slurm", "RUN_DIR --steps 2", "--eval: RUN_DIR: not an option"),
         ("slurm", "--steps two", "--eval="),
         ("slurm", "--reference ROOT/nope.safetensors --clip-model c --val-urls v",
-         "--eval: --reference=ROOT/nope.safetensors: no such file"),
+         "--eval: --reference: reference statistics ROOT/nope.safetensors do not exist"),
         ("slurm", "--prompts ROOT/empty.txt", "--eval: --prompts=ROOT/empty.txt: the file holds "
          "no prompt"),
         ("slurm", "--inception ROOT/none.pt", "--eval: --inception ROOT/none.pt: no such file"),

@@ -80,19 +80,28 @@ def _looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") > 1
 
 
-def check_reference_set(path: str, val_urls: str | None, setting: str) -> None:
-    """The file is a reference features file and, with `val_urls`, one of that set."""
+def reference_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of a reference features file (`ldm-data stats`); ConfigError otherwise."""
     from safetensors import safe_open
 
-    from data.evalset import set_fingerprint
-
     if not Path(path).is_file():
-        raise ConfigError(f"{setting}={path}: no such file; write it with `ldm-data stats "
-                          "SHARDS OUT`")  # fmt: skip
+        raise ConfigError(f"reference statistics {path} do not exist; write them with "
+                          "`ldm-data stats SHARDS OUT`")  # fmt: skip
     with safe_open(str(path), "numpy") as f:
         meta = f.metadata() or {}
     if meta.get("format") != REFERENCE_FORMAT:
-        raise ConfigError(f"{setting}={path} is not a reference features file")
+        raise ConfigError(f"{path} is not a reference features file ({meta.get('format')!r})")
+    return meta
+
+
+def check_reference_set(path: str, val_urls: str | None, setting: str) -> None:
+    """The file is a reference features file and, with `val_urls`, one of that set."""
+    from data.evalset import set_fingerprint
+
+    try:
+        meta = reference_metadata(path)
+    except ConfigError as e:
+        raise ConfigError(f"{setting}: {e}") from None
     if val_urls is not None and set_fingerprint(val_urls)[0] != meta.get("set_sha256"):
         raise ConfigError(f"{setting}={path} belongs to another set than {val_urls} (the set "
                           "changed?): recompute it with `ldm-data stats`")  # fmt: skip

@@ -15,7 +15,7 @@ from torch import nn
 from data.evalset import iter_eval_samples, set_fingerprint
 from train.errors import ConfigError
 from train.evaluation.features import describe
-from train.evaluation.options import REFERENCE_FORMAT as FORMAT
+from train.evaluation.options import REFERENCE_FORMAT, reference_metadata
 
 
 def images_to_uint8(images: list) -> torch.Tensor:
@@ -47,7 +47,7 @@ def compute_reference(
     if sum(len(f) for f in feats) < 2:
         raise ConfigError(f"{urls}: fewer than 2 images; reference statistics need a real set")
     features = torch.cat(feats)
-    meta = {"format": FORMAT, "set_sha256": sha, "set_num_samples": str(total),
+    meta = {"format": REFERENCE_FORMAT, "set_sha256": sha, "set_num_samples": str(total),
             "num_samples": str(len(features)), "feature": describe(feature),
             "resolution": str(resolution), "shards": json.dumps(shards[:20])}  # fmt: skip
     out = Path(out_path)
@@ -81,16 +81,8 @@ def load_reference(
 ) -> torch.Tensor:
     """The reference features in ``path``, after checking they were computed for the set at
     ``urls`` (unless None) with this extractor. Raises ConfigError naming what differs."""
-    from safetensors import safe_open
-
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"reference statistics {path} do not exist; write them with "
-                          "`ldm-data stats SHARDS OUT`")  # fmt: skip
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    if meta.get("format") != FORMAT:
-        raise ConfigError(f"{path} is not a reference features file ({meta.get('format')!r})")
+    meta = reference_metadata(path)
     mine = describe(feature)
     if meta["feature"] != mine:
         raise ConfigError(
