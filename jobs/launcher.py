@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shlex
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -63,6 +64,10 @@ class Launcher:
                     "file. On SLURM export it before ldm-submit (sbatch passes your environment); "
                     f"on Kubernetes use launcher.secret_env.{name}=<secret name>"
                 )
+
+    def export_lines(self) -> list[str]:
+        """`launcher.env` as shell exports, for the launchers that render scripts."""
+        return [f"export {k}={shlex.quote(str(v))}" for k, v in self.env.items()]
 
     @property
     def world_size(self) -> int:

@@ -27,9 +27,8 @@ class LocalLauncher(Launcher):
             f"--nproc-per-node={self.procs}", "--no-python", local_command("ldm-train"),
             *self.train_args(job),
         ]  # fmt: skip
-        exports = [f"export {k}={shlex.quote(str(v))}" for k, v in self.env.items()]
         quoted = " \\\n  ".join(shlex.quote(c) for c in cmd)
-        return "\n".join(["#!/bin/bash", "set -euo pipefail", *exports, quoted]) + "\n"
+        return "\n".join(["#!/bin/bash", "set -euo pipefail", *self.export_lines(), quoted]) + "\n"
 
     def submit(self, job: Job, path: Path) -> str:
         rc = subprocess.run(["bash", str(path)], check=False).returncode

@@ -137,7 +137,6 @@ class SlurmLauncher(Launcher):
             f'"{a}"' if a == expand else shlex.quote(a)
             for a in self.train_args(job, run_name="${RUN_NAME}")
         ]
-        exports = [f"export {k}={shlex.quote(str(v))}" for k, v in self.env.items()]
         body = [
             "#!/bin/bash",
             "# Rendered by ldm-submit; resubmit with: sbatch <this file>",
@@ -146,7 +145,7 @@ class SlurmLauncher(Launcher):
             *self.log_lines(job),
             *self.path_lines(),
             *self.setup,
-            *exports,
+            *self.export_lines(),
             "# One run folder and MLflow run per job, kept across requeues (same SLURM_JOB_ID).",
             f'RUN_NAME="{job.run_name}-${{SLURM_JOB_ID}}"',
             'echo "job ${SLURM_JOB_ID} start ${SLURM_RESTART_COUNT:-0} on $(hostname): '
@@ -174,7 +173,7 @@ class SlurmLauncher(Launcher):
             *self.log_lines(evaluator),
             *self.path_lines(),
             *self.setup,
-            *[f"export {k}={shlex.quote(str(v))}" for k, v in self.env.items()],
+            *self.export_lines(),
             "# The training job's run folder: its run name carries that job's id.",
             f': "${{{TRAIN_JOB_ENV}:?the id of the training job to evaluate}}"',
             f'RUN_DIR="{run_dir}"',
