@@ -27,7 +27,8 @@ def train(root: Path, name: str, *overrides: str) -> Path:
 
 def evaluate(export: Path, reference: Path, shards: Path, clip: Path, out: Path) -> dict:
     argv = ["ldm-eval", str(export), "--reference", str(reference), "--val-urls", str(shards),
-            "--clip-model", str(clip), "--num-samples", "64", "--steps", "10", "--json", str(out)]  # fmt: skip
+            "--clip-model", str(clip), "--num-samples", "64", "--steps", "10",
+            "--json", str(out)]  # fmt: skip
     proc = run_cli(eval_main, argv)
     assert proc.returncode == 0, proc.stderr
     return json.loads(out.read_text())
