@@ -41,8 +41,11 @@ def test_ldm_eval_scores_an_export_on_the_validation_captions(
         (["--clip-model", "ROOT/nope", "--val-urls", "SHARDS"], "-model .*nope: no such CLIP"),
         (["--clip-model", "CLIP", "--val-urls", "SHARDS", "--reference", "REF32"],
          "--reference=.*ref32.safetensors was made at 32 px, the images here are 16 px"),
+        (["--clip-model", "CLIP", "--val-urls", "OTHER"],
+         "--reference: reference statistics .* belong to another set .*recompute with `ldm-da"),
     ],
-    ids=["empty-prompts", "no-extractor", "prompts-first", "missing-clip", "resolution"],
+    ids=["empty-prompts", "no-extractor", "prompts-first", "missing-clip", "resolution",
+         "other-set"],
 )
 def test_ldm_eval_bad_quality_inputs_exit_2_before_generation(
     args, message, tiny_run, demo_shards: Path, tiny_clip_dir: Path, reference_16px: Path,
@@ -58,7 +61,12 @@ def test_ldm_eval_bad_quality_inputs_exit_2_before_generation(
 
         feature = ClipImageFeatures(str(tiny_clip_dir))
         compute_reference(str(demo_shards), feature, tmp_path / "ref32.safetensors", 32)
-    args = [a.replace("EMPTY", str(tmp_path / "empty.txt")).replace("SHARDS", str(demo_shards))
+    if "OTHER" in args:
+        from data.shards import write_demo_shards
+
+        write_demo_shards(tmp_path / "other", num_samples=32, samples_per_shard=32, size=32, seed=2)
+    args = [a.replace("OTHER", str(tmp_path / "other"))
+            .replace("EMPTY", str(tmp_path / "empty.txt")).replace("SHARDS", str(demo_shards))
             .replace("ROOT", str(tmp_path)).replace("CLIP", str(tiny_clip_dir))
             .replace("REF32", str(tmp_path / "ref32.safetensors"))
             for a in args]  # fmt: skip

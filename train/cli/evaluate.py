@@ -63,7 +63,8 @@ def quality_inputs(args: argparse.Namespace) -> tuple:
 
     prompts = prompt_set(args.prompts, args.val_urls, args.num_samples, "--prompts", "")
     feature = feature_from_args(args)
-    reference = load_reference(args.reference, args.val_urls, feature)
+    # None: check_inputs has matched it to --val-urls (no second scan of the shards' headers).
+    reference = load_reference(args.reference, None, feature)
     return feature, reference, prompts
 
 

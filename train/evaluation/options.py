@@ -94,14 +94,24 @@ def reference_metadata(path: str | Path) -> dict[str, str]:
     return meta
 
 
-def check_reference_set(path: str, val_urls: str | None, setting: str) -> None:
-    """The file is a reference features file and, with `val_urls`, one of that set."""
+def check_same_set(meta: dict[str, str], path: str | Path, urls: str | list[str]) -> None:
+    """The reference file at `path` (its `meta`) was computed for the set at `urls`."""
     from data.evalset import set_fingerprint
 
+    sha, _, total = set_fingerprint(urls)
+    if sha != meta.get("set_sha256"):
+        raise ConfigError(
+            f"reference statistics {path} belong to another set ({meta.get('set_num_samples')} "
+            f"samples, manifest {meta.get('set_sha256', '')[:12]}), not {urls} ({total} samples, "
+            f"manifest {sha[:12]}): the set changed; recompute with `ldm-data stats`"
+        )
+
+
+def check_reference_set(path: str, val_urls: str | None, setting: str) -> None:
+    """The file is a reference features file and, with `val_urls`, one of that set."""
     try:
         meta = reference_metadata(path)
+        if val_urls is not None:
+            check_same_set(meta, path, val_urls)
     except ConfigError as e:
         raise ConfigError(f"{setting}: {e}") from None
-    if val_urls is not None and set_fingerprint(val_urls)[0] != meta.get("set_sha256"):
-        raise ConfigError(f"{setting}={path} belongs to another set than {val_urls} (the set "
-                          "changed?): recompute it with `ldm-data stats`")  # fmt: skip

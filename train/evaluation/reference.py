@@ -15,7 +15,7 @@ from torch import nn
 from data.evalset import iter_eval_samples, set_fingerprint
 from train.errors import ConfigError
 from train.evaluation.features import describe
-from train.evaluation.options import REFERENCE_FORMAT, reference_metadata
+from train.evaluation.options import REFERENCE_FORMAT, check_same_set, reference_metadata
 
 
 def images_to_uint8(images: list) -> torch.Tensor:
@@ -90,11 +90,5 @@ def load_reference(
             f"{meta['feature']!r}, this evaluation uses {mine!r}; recompute them with this one"
         )
     if urls is not None:
-        sha, _, total = set_fingerprint(urls)
-        if sha != meta["set_sha256"]:
-            raise ConfigError(
-                f"reference statistics {path} belong to another set ({meta['set_num_samples']} "
-                f"samples, manifest {meta['set_sha256'][:12]}), not {urls} ({total} samples, "
-                f"manifest {sha[:12]}): the set changed; recompute with `ldm-data stats`"
-            )
+        check_same_set(meta, path, urls)
     return load_file(str(path))["features"]
