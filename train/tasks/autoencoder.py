@@ -25,6 +25,11 @@ def reconstruction_loss(recon: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return F.l1_loss(recon, target) + F.mse_loss(recon, target)
 
 
+def check_crop(size: int | None) -> None:
+    if size is not None and size < 1:
+        raise ValueError(f"model.train_crop={size}: must be a positive number of pixels or null")
+
+
 def random_crop(pixels: torch.Tensor, size: int | None) -> torch.Tensor:
     """One random ``size`` x ``size`` window per sample of [B, C, H, W] (``None``: all of it).
 
@@ -32,11 +37,10 @@ def random_crop(pixels: torch.Tensor, size: int | None) -> torch.Tensor:
     (SD's VAE trained on 256 px crops, Rombach et al. 2022); a crop of 1/4 of the pixels costs
     about 1/4 of the step.
     """
+    check_crop(size)
     b, _, h, w = pixels.shape
     if size is None or (size >= h and size >= w):
         return pixels
-    if size < 1:
-        raise ValueError(f"model.train_crop={size}: must be a positive number of pixels or null")
     top = torch.randint(0, h - size + 1, (b,)).tolist()
     left = torch.randint(0, w - size + 1, (b,)).tolist()
     return torch.stack(
@@ -73,6 +77,7 @@ class AutoencoderTraining(L.LightningModule):
             start_near_deterministic(vae, init_logvar)
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.kl_weight, self.momentum = kl_weight, latent_std_momentum
+        check_crop(train_crop)  # at construction: before any data is read
         self.train_crop = train_crop
         # Running second moment of the latents: stage 2 needs unit-variance latents, and the
         # VAE's `scaling_factor` (1 / std) is how diffusers' pipelines apply that.
