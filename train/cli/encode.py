@@ -180,16 +180,20 @@ def encode(cfg: Any, out: Path, workers: int, batch_size: int, dtype: str) -> di
         (cfg, shards[i::workers], str(out), batch_size, dtype, i, workers) for i in range(workers)
     ]
     if workers == 1:
-        for job in jobs:
-            _worker(job)
+        results = [_worker(job) for job in jobs]
     else:
         import torch.multiprocessing as mp
 
         # spawn: each process builds its own models (fork after torch threads start can hang).
         with mp.get_context("spawn").Pool(workers) as pool:
-            pool.map(_worker, jobs)
+            results = pool.map(_worker, jobs)
+    written = {name: n for counts in results for name, n in counts.items()}
+    # Only shards finished by an earlier run need counting (sizes.json or their tar headers):
+    # re-reading the tars just written costs seconds on every first run.
     names = [Path(u).name for u in shards]
-    sizes = dict(zip(names, ShardSizes()([str(out / n) for n in names]), strict=True))
+    earlier = [n for n in names if n not in written]
+    written.update(zip(earlier, ShardSizes()([str(out / n) for n in earlier]), strict=True))
+    sizes = {n: written[n] for n in names}
     update_sizes_file(out, sizes)
     return sizes
 
