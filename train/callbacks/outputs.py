@@ -16,6 +16,7 @@ from train.callbacks.guards import TrainingDiverged, weights_finite
 from train.callbacks.preemption import preempted
 from train.distributed.sharding import full_state_dict, is_sharded
 from train.errors import ConfigError
+from train.models import adapters
 from train.tracking.tags import (
     MLFLOW_RUN_ID_KEY,
     log_artifact,
@@ -134,10 +135,16 @@ class ExportOnTrainEnd(L.Callback):
     """
 
     def __init__(
-        self, dirname: str = "export", log_to_mlflow: bool = True, register_as: str | None = None
+        self,
+        dirname: str = "export",
+        log_to_mlflow: bool = True,
+        register_as: str | None = None,
+        lora_dirname: str = "lora",
     ) -> None:
         self.dirname, self.log_to_mlflow, self.register_as = dirname, log_to_mlflow, register_as
+        self.lora_dirname = lora_dirname
         self.path: Path | None = None
+        self.lora_path: Path | None = None
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         check_whole_weights(trainer, pl_module)
@@ -151,7 +158,13 @@ class ExportOnTrainEnd(L.Callback):
         extra = output_weights(trainer, pl_module)
         if not trainer.is_global_zero:
             return
-        self.path = pl_module.export(Path(trainer.default_root_dir) / self.dirname, **extra)
+        root = Path(trainer.default_root_dir)
+        self.path = pl_module.export(root / self.dirname, **extra)
+        if lora_exportable(pl_module):
+            self.lora_path = pl_module.export_lora(root / self.lora_dirname, **extra)
+            if self.log_to_mlflow:
+                log_artifact(trainer, self.lora_path, f"{self.lora_dirname}/step_"
+                             f"{trainer.global_step:07d}")  # fmt: skip
         if self.log_to_mlflow:
             # One artifact path per training end: a resumed run uploads beside, never over, the
             # export an earlier registered version points at (registered versions are immutable).
@@ -161,6 +174,18 @@ class ExportOnTrainEnd(L.Callback):
             log_artifact(trainer, self.path, artifact)
             if self.register_as:
                 register_export(trainer, self.register_as, artifact)
+
+
+def lora_exportable(pl_module: L.LightningModule) -> bool:
+    """Whether the module trains a LoRA that diffusers' LoRA format holds (beside the merged
+    export; LoHa and LoKr adapters are exported merged only)."""
+    import diffusers
+
+    backbone = getattr(pl_module, "backbone", None)
+    if backbone is None or backbone.adapter is None:
+        return False
+    pipeline = getattr(diffusers, backbone.pipeline_class)
+    return adapters.is_lora(backbone.model) and hasattr(pipeline, "save_lora_weights")
 
 
 def check_whole_weights(trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -42,21 +42,31 @@ def module_from_checkpoint(path: str | Path, allow_pickle: bool = False):
     Also returns the checkpoint's whole EMA state (None without EMA). `path` may be a .ckpt
     file or a sharded DeepSpeed / FSDP checkpoint folder.
     """
+    return module_from_loaded(load_checkpoint(path, allow_pickle), path)
+
+
+def module_from_loaded(ckpt: dict, path: str | Path):
+    """`module_from_checkpoint` of a checkpoint already loaded from `path`."""
     from omegaconf import OmegaConf
 
     from train.callbacks.ema import ema_from_checkpoint
     from train.config import resolvers as config
     from train.tasks.legacy import upgrade
 
-    ckpt = load_checkpoint(path, allow_pickle)
     config.register()
     saved = upgrade(ckpt)["ldm_config"]
     module = build_module(OmegaConf.create(saved["model"]), int(saved.get("seed") or 0))
     result = module.load_state_dict(ckpt["state_dict"], strict=False)
-    if result.missing_keys or result.unexpected_keys:
+    missing = result.missing_keys
+    if getattr(getattr(module, "backbone", None), "adapter", None) is not None:
+        # An adapter checkpoint holds what trains; the frozen base came from model.base.
+        from train.models.adapters import trainable_keys
+
+        missing = sorted(set(missing) & trainable_keys(module))
+    if missing or result.unexpected_keys:
         raise ValueError(
             f"{path} does not match the model its config builds: missing "
-            f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
+            f"{missing[:5]}, unexpected {result.unexpected_keys[:5]}"
         )
     return module, ema_from_checkpoint(ckpt)
 
@@ -71,18 +81,29 @@ def load_checkpoint(path: str | Path, allow_pickle: bool = False) -> dict:
 
 
 def export_checkpoint(
-    ckpt_path: str | Path, out_dir: str | Path, use_ema: bool = True, allow_pickle: bool = False
+    ckpt_path: str | Path,
+    out_dir: str | Path,
+    use_ema: bool = True,
+    allow_pickle: bool = False,
+    fmt: str = "merged",
 ) -> Path:
     """Write the diffusers-layout export of a checkpoint: EMA weights when it has them. Rebuilt
     from the checkpoint's parts spec (diffusers configs); a checkpoint from before the spec
-    existed goes through its saved config (`train.tasks.legacy`)."""
+    existed, or of an adapter run (whose base loads from `model.base`), goes through its saved
+    config. ``fmt``: ``merged`` (a whole pipeline; an adapter merged into its base) or
+    ``diffusers-lora`` (an adapter run's LoRA in diffusers' format)."""
     from train.util import atomic_dir
 
     ckpt = load_checkpoint(ckpt_path, allow_pickle)
-    if "ldm_parts" not in ckpt:
-        module, ema = module_from_checkpoint(ckpt_path, allow_pickle)
+    if fmt == "diffusers-lora" and not has_adapter(ckpt):
+        raise ConfigError(f"{ckpt_path} is not an adapter run's checkpoint (no "
+                          "model.backbone.adapter): export it with --format merged")  # fmt: skip
+    if "ldm_parts" not in ckpt or has_adapter(ckpt):
+        module, ema = module_from_loaded(ckpt, ckpt_path)
         module.eval()
         model = module.model_from_state(ema) if use_ema and ema is not None else None
+        if fmt == "diffusers-lora":
+            return module.export_lora(out_dir, model)
         return module.export(out_dir, model)
     pipe = checkpoint_pipeline(ckpt, use_ema)
     with atomic_dir(out_dir) as tmp:
@@ -94,14 +115,25 @@ def checkpoint_pipeline(ckpt: dict, use_ema: bool = True) -> Any:
     """The diffusers pipeline of a loaded checkpoint (EMA weights when it has them and `use_ema`),
     in memory: what `export_checkpoint` saves, and what `ldm-eval --watch` scores."""
     from train.callbacks.ema import ema_from_checkpoint
+    from train.models.adapters import merged
     from train.tasks.parts_spec import rebuild_pipeline, trainable_state
 
     if "ldm_parts" not in ckpt:
         raise ValueError("the checkpoint predates its parts spec: export it with ldm-export")
+    if has_adapter(ckpt):
+        module, ema = module_from_loaded(ckpt, "the checkpoint")
+        model = module.model_from_state(ema) if use_ema and ema is not None else None
+        return module.eval().pipeline(model=merged(model or module.trainable))
     spec = ckpt["ldm_parts"]
     ema = ema_from_checkpoint(ckpt) if use_ema else None
     state = ema if ema is not None else trainable_state(spec, ckpt["state_dict"])
     return rebuild_pipeline(spec, state)
+
+
+def has_adapter(ckpt: dict) -> bool:
+    """Whether the checkpoint is an adapter run's (LoRA, ...): it holds the adapter only."""
+    backbone = (ckpt.get("ldm_config") or {}).get("model", {}).get("backbone") or {}
+    return bool(backbone.get("adapter"))
 
 
 def check_checkpoint(path: str | Path) -> None:
@@ -130,6 +162,13 @@ def main(argv: list[str] | None = None) -> None:
         "--no-ema", action="store_true", help="export the raw weights even if the run kept an EMA"
     )
     parser.add_argument(
+        "--format",
+        choices=("merged", "diffusers-lora"),
+        default="merged",
+        help="merged (default): a whole diffusers pipeline, an adapter merged into its base; "
+        "diffusers-lora: an adapter run's LoRA for pipe.load_lora_weights",
+    )
+    parser.add_argument(
         "--allow-pickle",
         action="store_true",
         help="read a sharded DeepSpeed/FSDP checkpoint folder (its readers unpickle: only for "
@@ -141,7 +180,9 @@ def main(argv: list[str] | None = None) -> None:
     # ValueError: a folder that needs --allow-pickle, a checkpoint not written by ldm-train.
     with bad_input("ldm-export:", debug_flag(args), (*BAD_INPUT, ValueError)):
         try:
-            out = export_checkpoint(args.checkpoint, args.out, not args.no_ema, args.allow_pickle)
+            out = export_checkpoint(
+                args.checkpoint, args.out, not args.no_ema, args.allow_pickle, args.format
+            )
         except pickle.UnpicklingError as e:  # weights_only=True refused a pickled object
             raise ConfigError(
                 f"{args.checkpoint} cannot be loaded: Weights only load failed (it holds pickled "

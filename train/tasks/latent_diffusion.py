@@ -19,6 +19,7 @@ from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel
 
 from train.errors import ConfigError
+from train.models import adapters
 from train.models.backbones.base import Backbone
 from train.models.conditioning import Conditioning
 from train.models.parts import FrozenParts, vae_scale_factor
@@ -45,8 +46,12 @@ class LatentDiffusion(L.LightningModule):
         caption_dropout: float = 0.1,
         noise_seed: int = 0,
         validation_levels: int = 8,
+        base: str | None = None,
     ) -> None:
+        """``base``: the pretrained pipeline (folder or hub id) a fine-tuning run starts from,
+        whose parts the config loads; recorded for the run's lineage."""
         super().__init__()
+        self.base = base
         backbone.check(int(vae.config.latent_channels), conditioner, objective)
         check_shift_factor(backbone, vae)
         self.backbone = backbone
@@ -59,6 +64,8 @@ class LatentDiffusion(L.LightningModule):
         self.caption_dropout, self.noise_seed = caption_dropout, noise_seed
         vae.requires_grad_(False).eval()
         conditioner.requires_grad_(False)
+        # With an adapter, checkpoints hold only what trains; the base comes from model.base.
+        self.strict_loading = backbone.adapter is None
         self._val = FixedLevelLoss(validation_levels)
         self._flops: dict[tuple, int] = {}
         self.flops_per_batch: int | None = None
@@ -257,11 +264,29 @@ class LatentDiffusion(L.LightningModule):
         ``model``: the weights to write instead of the live ones (gathered shards, EMA)."""
         return pipelines.export(self, out_dir, model)
 
+    def export_lora(self, out_dir: str | Path, model: nn.Module | None = None) -> Path:
+        """Write the trained LoRA in diffusers' format (`load_lora_weights` reads it)."""
+        return pipelines.export_lora(self, out_dir, model)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # What ldm-export rebuilds the pipeline from: the diffusers configs, not our classes.
         from train.tasks.parts_spec import describe
 
         checkpoint["ldm_parts"] = describe(self)
+        if self.backbone.adapter is not None:
+            # A LoRA checkpoint is the adapter (and its optimizer state), not a copy of the base.
+            keys = adapters.trainable_keys(self)
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                        if k in keys}  # fmt: skip
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.backbone.adapter is not None:
+            missing = sorted(adapters.trainable_keys(self) - set(checkpoint["state_dict"]))
+            if missing:
+                raise ValueError(
+                    f"the checkpoint lacks {len(missing)} of the adapter's weights ({missing[0]}"
+                    ", ...): it was written for another adapter (target modules, rank) or model"
+                )
 
 
 def check_shift_factor(backbone: Backbone, vae: AutoencoderKL) -> None:

@@ -13,6 +13,8 @@ import diffusers
 import torch
 from PIL import Image
 
+from train.errors import ConfigError
+from train.models import adapters
 from train.util import atomic_dir, image_grid
 
 
@@ -83,8 +85,38 @@ def preview(
 
 def export(module: Any, out_dir: str | Path, model: torch.nn.Module | None = None) -> Path:
     """Write the diffusers folder (safetensors) with the objective's export scheduler;
-    replaces `out_dir` atomically."""
+    replaces `out_dir` atomically. A model with an adapter is written merged into its base."""
     scheduler = scheduler_of(module.objective, module.objective.export_scheduler)
+    model = model if model is not None else module.trainable
+    if adapters.has_adapter(model):
+        model = adapters.merged(model)
     with atomic_dir(out_dir) as tmp:
         build(module, scheduler, model).save_pretrained(tmp, safe_serialization=True)
+    return Path(out_dir)
+
+
+def export_lora(module: Any, out_dir: str | Path, model: torch.nn.Module | None = None) -> Path:
+    """Write the trained LoRA in diffusers' format (``pytorch_lora_weights.safetensors`` with the
+    adapter's config in its metadata), which the family pipeline's ``load_lora_weights`` reads
+    with the trained rank and alpha; replaces `out_dir` atomically."""
+    model = model if model is not None else module.trainable
+    pipeline = getattr(diffusers, module.backbone.pipeline_class)
+    if not hasattr(pipeline, "save_lora_weights"):
+        raise ConfigError(
+            f"{pipeline.__name__} has no LoRA format in diffusers; export the merged model "
+            "instead (the run's export folder)"
+        )
+    if not adapters.is_lora(model):
+        kind = type(adapters.adapter_config(model)).__name__
+        raise ConfigError(
+            f"diffusers' LoRA format holds LoRA and DoRA adapters only, not {kind}; export the "
+            "merged model instead (the run's export folder)"
+        )
+    name = module.backbone.component
+    layers = {
+        f"{name}_lora_layers": adapters.adapter_state(model),
+        f"{name}_lora_adapter_metadata": adapters.adapter_metadata(model),
+    }
+    with atomic_dir(out_dir) as tmp:
+        pipeline.save_lora_weights(tmp, **layers, safe_serialization=True)
     return Path(out_dir)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from train.errors import ConfigError
+from train.models import adapters
 from train.models.conditioning import Conditioning
 
 
@@ -30,9 +31,16 @@ class Backbone(nn.Module):
     # VAE config must then set shift_factor, and training subtracts it (as their scripts do).
     needs_shift_factor = False
 
-    def __init__(self, model: nn.Module, gradient_checkpointing: bool = False) -> None:
+    def __init__(
+        self, model: nn.Module, gradient_checkpointing: bool = False, adapter: Any = None
+    ) -> None:
+        """``adapter``: a peft config (``LoraConfig``, ``LoHaConfig``, ``LoKrConfig``); then only
+        the adapter trains and ``model`` (e.g. a pretrained base) stays frozen."""
         super().__init__()
         self.model = model.train()  # from_pretrained returns it in eval mode
+        self.adapter = adapter
+        if adapter is not None:
+            adapters.attach(model, adapter)
         if gradient_checkpointing:
             model.enable_gradient_checkpointing()
 
@@ -99,5 +107,7 @@ class Backbone(nn.Module):
     def from_state(self, state: dict[str, torch.Tensor]) -> nn.Module:
         """A plain copy of `model` holding `state` (gathered shards, EMA weights)."""
         model = type(self.model).from_config(self.model.config)
+        if self.adapter is not None:
+            adapters.attach(model, self.adapter)
         model.load_state_dict(state, strict=True)
         return model

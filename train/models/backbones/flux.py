@@ -36,8 +36,9 @@ class FluxBackbone(Backbone):
         sample_size: int,
         guidance: float = GUIDANCE,
         gradient_checkpointing: bool = False,
+        adapter: Any = None,
     ) -> None:
-        super().__init__(model, gradient_checkpointing)
+        super().__init__(model, gradient_checkpointing, adapter)
         self._sample_size, self.guidance = int(sample_size), float(guidance)
 
     @property

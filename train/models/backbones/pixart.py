@@ -60,8 +60,10 @@ class PixArtBackbone(Backbone):
     sampled_by = ("ddpm", "flow")
     setting = "model.backbone.model"
 
-    def __init__(self, model: nn.Module, gradient_checkpointing: bool = False) -> None:
-        super().__init__(model, gradient_checkpointing)
+    def __init__(
+        self, model: nn.Module, gradient_checkpointing: bool = False, adapter: Any = None
+    ) -> None:
+        super().__init__(model, gradient_checkpointing, adapter)
         # The conditioner's token count, known at check(): the pipeline must pad prompts to it.
         self.max_sequence_length: int | None = None
 

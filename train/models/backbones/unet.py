@@ -19,8 +19,10 @@ class UNetBackbone(Backbone):
     component = "unet"
     setting = "model.backbone.model"
 
-    def __init__(self, model: nn.Module, gradient_checkpointing: bool = False) -> None:
-        super().__init__(model, gradient_checkpointing)
+    def __init__(
+        self, model: nn.Module, gradient_checkpointing: bool = False, adapter: Any = None
+    ) -> None:
+        super().__init__(model, gradient_checkpointing, adapter)
         self.pipeline_class = (
             "StableDiffusionXLPipeline" if self.is_sdxl else "StableDiffusionPipeline"
         )

@@ -25,12 +25,16 @@ class FrozenTextEncoder(nn.Module):
         self,
         model: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
-        use_attention_mask: bool = False,
+        use_attention_mask: bool | None = False,
         cache_size: int = 0,
     ) -> None:
+        """``use_attention_mask=None`` keeps the loaded encoder's own setting (a pipeline's text
+        encoder exported with it), else False."""
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
+        if use_attention_mask is None:
+            use_attention_mask = bool(getattr(model.config, "use_attention_mask", False))
         self.model.config.use_attention_mask = use_attention_mask
         self.model.requires_grad_(False)
         self.model.eval()

@@ -1,0 +1,205 @@
+"""LoRA fine-tuning from a pretrained base (the session's tiny run's export): only the adapter
+trains and is checkpointed, and its diffusers export reloads in StableDiffusionPipeline at the
+trained strength (alpha != rank), equal to the merged export and to the trained module."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from cli_runner import run_cli
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from train.cli.export import module_from_checkpoint
+from train.config.compose import compose
+from train.errors import ConfigError
+from train.models import adapters
+
+RANK, ALPHA = 4, 8  # alpha != rank: a reload that loses alpha comes back at half the strength
+
+
+def lora_overrides(root: Path, base: Path, shards: Path, *extra: str) -> list[str]:
+    return [
+        f"paths.root={root}",
+        "experiment=lora",
+        f"model.base={base}",
+        f"data.urls={shards}",
+        "logger=none",
+        "data.resolution=16",
+        "data.batch_size=4",
+        "data.num_workers=0",
+        "data.shuffle_buffer=16",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=1000",
+        "trainer.enable_progress_bar=false",
+        f"model.backbone.adapter.r={RANK}",
+        f"model.backbone.adapter.lora_alpha={ALPHA}",
+        "model.optimizer.lr=1e-2",  # big steps: the trained B matrices are far from zero
+        "model.lr_scheduler.num_warmup_steps=0",
+        "callbacks.checkpoint.every_n_train_steps=2",
+        "callbacks.samples.every_n_steps=0",
+        "callbacks.samples.num_inference_steps=2",
+        "callbacks.progress=null",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, tiny_run, demo_shards):
+    from train.cli.train import main
+
+    base = tiny_run[0] / "export"
+    args = lora_overrides(tmp_path_factory.mktemp("lora"), base, demo_shards)
+    proc = run_cli(main, ["ldm-train", *args])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return Path(compose(args).paths.run_dir), base
+
+
+def unet_inputs(unet: UNet2DConditionModel, text_dim: int) -> tuple:
+    g = torch.Generator().manual_seed(0)
+    size = unet.config.sample_size
+    x = torch.randn(2, unet.config.in_channels, size, size, generator=g)
+    return x, torch.tensor([10, 700]), torch.randn(2, 6, text_dim, generator=g)
+
+
+def test_checkpoint_holds_only_the_adapter(lora_run) -> None:
+    run_dir, base = lora_run
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    keys = set(ckpt["state_dict"])
+    assert keys and all(".lora_A." in k or ".lora_B." in k for k in keys)
+    base_unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+    n_base = sum(p.numel() for p in base_unet.parameters())
+    n_ckpt = sum(v.numel() for v in ckpt["state_dict"].values())
+    assert n_ckpt < n_base / 10, (n_ckpt, n_base)
+    # The optimizer state covers the adapter only.
+    state = ckpt["optimizer_states"][0]["state"]
+    assert sum(s["exp_avg"].numel() for s in state.values()) == n_ckpt
+
+
+def test_lora_export_reloads_at_the_trained_strength(lora_run) -> None:
+    run_dir, base = lora_run
+    lora_file = run_dir / "lora" / "pytorch_lora_weights.safetensors"
+    with safe_open(lora_file, "pt") as f:
+        meta = json.loads(f.metadata()["lora_adapter_metadata"])
+        keys = list(f.keys())
+    assert meta["unet.r"] == RANK and meta["unet.lora_alpha"] == ALPHA
+    assert keys and all(k.startswith("unet.") for k in keys)
+
+    pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None)
+    inputs = unet_inputs(pipe.unet, pipe.text_encoder.config.hidden_size)
+    with torch.no_grad():
+        before = pipe.unet(*inputs).sample
+        pipe.load_lora_weights(run_dir / "lora")
+        reloaded = pipe.unet(*inputs).sample
+        merged = UNet2DConditionModel.from_pretrained(run_dir / "export", subfolder="unet")
+        fused = merged(*inputs).sample
+        module, _ = module_from_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+        trained = module.trainable.eval()(*inputs).sample
+    assert (reloaded - before).abs().max() > 1e-3  # the LoRA changes the UNet
+    torch.testing.assert_close(reloaded, trained, rtol=0, atol=1e-5)
+    torch.testing.assert_close(fused, trained, rtol=0, atol=1e-5)
+    # The merged export is a plain UNet: no adapter weights left in it.
+    assert not adapters.has_adapter(merged)
+    assert not any("lora" in k for k in merged.state_dict())
+
+
+def test_resume_from_an_adapter_checkpoint_matches_the_uninterrupted_run(
+    lora_run, demo_shards, tmp_path
+) -> None:
+    from train.cli.train import main
+
+    run_dir, base = lora_run
+    copy = tmp_path / "runs" / run_dir.name
+    shutil.copytree(run_dir, copy)
+    for name in ("last.ckpt", "step_0000004.ckpt"):
+        (copy / "checkpoints" / name).unlink()
+    step2 = copy / "checkpoints" / "step_0000002.ckpt"
+    args = lora_overrides(tmp_path, base, demo_shards, f"ckpt_path={step2}")
+    proc = run_cli(main, ["ldm-train", *args])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ref = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    got = torch.load(copy / "checkpoints" / "last.ckpt", weights_only=False)
+    assert got["global_step"] == ref["global_step"] == 4
+    assert ref["state_dict"].keys() == got["state_dict"].keys()
+    for k, v in ref["state_dict"].items():
+        assert torch.equal(v, got["state_dict"][k]), k
+
+
+def perturbed_module(tmp_path: Path, base: Path, shards: Path, adapter: str):
+    """The task with a fresh adapter whose weights are all moved off their init (peft starts
+    LoRA's B at zero: an untouched adapter would round-trip trivially)."""
+    from hydra.utils import instantiate
+
+    overrides = lora_overrides(tmp_path, base, shards, f"model/backbone/adapter={adapter}")
+    if adapter in ("loha", "lokr"):  # their own rank and alpha keys (conf/.../adapter/)
+        overrides = [o for o in overrides if not o.startswith("model.backbone.adapter.")]
+    cfg = compose(overrides)
+    module = instantiate(cfg.model)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in module.trainable.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    return module.eval()
+
+
+@pytest.mark.parametrize("adapter", ["lora", "dora", "loha", "lokr"])
+def test_adapter_variants_export(adapter, tiny_run, demo_shards, tmp_path) -> None:
+    base = tiny_run[0] / "export"
+    module = perturbed_module(tmp_path, base, demo_shards, adapter)
+    model = module.trainable
+    # The objective is the base's: its schedule and prediction type.
+    saved = json.loads((base / "scheduler" / "scheduler_config.json").read_text())
+    schedule = module.objective.scheduler.config
+    assert (schedule.prediction_type, schedule.beta_end) == (saved["prediction_type"],
+                                                             saved["beta_end"])  # fmt: skip
+    pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None)
+    inputs = unet_inputs(pipe.unet, pipe.text_encoder.config.hidden_size)
+    with torch.no_grad():
+        trained = model(*inputs).sample
+        assert (trained - pipe.unet(*inputs).sample).abs().max() > 1e-3
+        module.export(tmp_path / "merged")
+        merged = UNet2DConditionModel.from_pretrained(tmp_path / "merged", subfolder="unet")
+        # Folding the update into the weights rounds differently from adding it after: 1e-4.
+        torch.testing.assert_close(merged(*inputs).sample, trained, rtol=0, atol=1e-4)
+        if adapter in ("loha", "lokr"):
+            with pytest.raises(ConfigError, match="LoRA and DoRA adapters only.*merged"):
+                module.export_lora(tmp_path / "lora")
+            return
+        module.export_lora(tmp_path / "lora")
+        pipe.load_lora_weights(tmp_path / "lora")
+        torch.testing.assert_close(pipe.unet(*inputs).sample, trained, rtol=0, atol=1e-5)
+
+
+def test_ldm_export_writes_both_formats_of_an_adapter_checkpoint(lora_run, tiny_run, tmp_path):
+    from train.cli.export import main as ldm_export
+
+    run_dir, _ = lora_run
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    for fmt, out, same_as in (("diffusers-lora", "l", "lora"), ("merged", "m", "export/unet")):
+        proc = run_cli(ldm_export, ["ldm-export", str(ckpt), str(tmp_path / out), "--format", fmt])
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        sub = "unet" if fmt == "merged" else ""
+        got = load_file(next((tmp_path / out / sub).glob("*.safetensors")))
+        want = load_file(next((run_dir / same_as).glob("*.safetensors")))
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    full = tiny_run[0] / "checkpoints" / "last.ckpt"
+    proc = run_cli(ldm_export, ["ldm-export", str(full), str(tmp_path / "x"), "--format",
+                                "diffusers-lora"])  # fmt: skip
+    assert proc.returncode != 0
+    assert "not an adapter run's checkpoint" in proc.stderr and not (tmp_path / "x").exists()
+
+
+def test_a_lora_run_without_a_base_is_refused_naming_it(tmp_path, demo_shards) -> None:
+    from train.cli.train import main
+
+    args = [f"paths.root={tmp_path}", "experiment=lora", f"data.urls={demo_shards}"]
+    proc = run_cli(main, ["ldm-train", *args])
+    assert proc.returncode != 0
+    assert "model.base" in proc.stderr, proc.stderr

@@ -1,0 +1,90 @@
+"""Adapters (LoRA, DoRA, LoHa, LoKr) on a backbone's diffusers model, through peft.
+
+diffusers' models take a peft config in `add_adapter` and keep the adapter in their own module
+tree, so every strategy, EMA and gather sees one model; this module holds what the task and the
+exports need besides: which parameters train, the adapter's own state, and a merged copy.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+ADAPTER = "default"  # peft's adapter name: one adapter per run
+
+
+def attach(model: nn.Module, config: Any) -> nn.Module:
+    """Freeze ``model`` and add the adapter ``config`` describes (a peft ``PeftConfig``); only
+    the adapter's parameters train, in float32 whatever the base's dtype (as diffusers'
+    ``cast_training_params`` does: bf16 adapter updates lose the small steps)."""
+    model.requires_grad_(False)
+    model.add_adapter(copy.deepcopy(config), adapter_name=ADAPTER)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    return model
+
+
+def has_adapter(model: nn.Module) -> bool:
+    return bool(getattr(model, "peft_config", None))
+
+
+def adapter_config(model: nn.Module) -> Any:
+    return model.peft_config[ADAPTER]
+
+
+def is_lora(model: nn.Module) -> bool:
+    from peft import LoraConfig
+
+    return isinstance(adapter_config(model), LoraConfig)
+
+
+def adapter_metadata(model: nn.Module) -> dict[str, Any]:
+    """The adapter's peft config as a dict: what `load_lora_weights` needs to rebuild it with the
+    trained rank and alpha (without it a LoRA with alpha != rank reloads at the wrong strength)."""
+    meta = adapter_config(model).to_dict()
+    # Sets (target_modules) are not JSON; diffusers writes this into the safetensors header.
+    return {k: sorted(v) if isinstance(v, set) else v for k, v in meta.items()}
+
+
+def adapter_state(model: nn.Module, state: dict[str, torch.Tensor] | None = None):
+    """The adapter's weights under peft's key names (``...to_q.lora_A.weight``), from ``state``
+    (a whole state dict of ``model``: gathered or EMA) or from the live model."""
+    from peft import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(model, state_dict=state, adapter_name=ADAPTER)
+
+
+def trainable_keys(module: nn.Module) -> set[str]:
+    """State-dict keys of ``module``'s trained parameters (the adapter's, when it has one)."""
+    return {name for name, p in module.named_parameters() if p.requires_grad}
+
+
+def merged(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with the adapter folded into the base weights and removed: a plain
+    diffusers model that any tool loads (``ldm-export --format merged``)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    out = copy.deepcopy(model)
+    for module in out.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.merge(adapter_names=[ADAPTER])
+    _unwrap_tuner_layers(out)
+    for attr in ("peft_config", "_hf_peft_config_loaded"):
+        if hasattr(out, attr):
+            delattr(out, attr)
+    return out.requires_grad_(False)
+
+
+def _unwrap_tuner_layers(model: nn.Module) -> None:
+    """Replace every peft layer by its (now merged) base layer. diffusers' `unload_lora` does this
+    for LoRA only; LoHa and LoKr layers have the same `base_layer` and merge the same way."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, BaseTunerLayer):
+                setattr(module, name, child.get_base_layer())
