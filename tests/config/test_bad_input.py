@@ -27,6 +27,9 @@ def test_pattern_matching_nothing_fails_before_any_model_is_built(compose, tmp_p
     def tripwire(*args, **kwargs):
         raise AssertionError("a model was built before the shard pattern was checked")
 
+    # A signature cache of its own: the tripwires' (*args, **kwargs) must not be cached as the
+    # classes' signatures for the tests after this one.
+    monkeypatch.setenv("LDM_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(LatentDiffusion, "__init__", tripwire)
     monkeypatch.setattr(UNet2DConditionModel, "__init__", tripwire)
     monkeypatch.setattr(AutoencoderKL, "__init__", tripwire)
