@@ -16,7 +16,7 @@ from train.callbacks.guards import TrainingDiverged, weights_finite
 from train.callbacks.preemption import preempted
 from train.distributed.sharding import full_state_dict, is_sharded
 from train.errors import ConfigError
-from train.models import adapters
+from train.tasks import pipelines
 from train.tracking.tags import (
     MLFLOW_RUN_ID_KEY,
     log_artifact,
@@ -160,7 +160,10 @@ class ExportOnTrainEnd(L.Callback):
             return
         root = Path(trainer.default_root_dir)
         self.path = pl_module.export(root / self.dirname, **extra)
-        if lora_exportable(pl_module):
+        if (
+            getattr(pl_module, "backbone", None) is not None
+            and pipelines.lora_format_problem(pl_module, extra.get("model")) is None
+        ):
             self.lora_path = pl_module.export_lora(root / self.lora_dirname, **extra)
             if self.log_to_mlflow:
                 log_artifact(trainer, self.lora_path, f"{self.lora_dirname}/step_"
@@ -174,18 +177,6 @@ class ExportOnTrainEnd(L.Callback):
             log_artifact(trainer, self.path, artifact)
             if self.register_as:
                 register_export(trainer, self.register_as, artifact)
-
-
-def lora_exportable(pl_module: L.LightningModule) -> bool:
-    """Whether the module trains a LoRA that diffusers' LoRA format holds (beside the merged
-    export; LoHa and LoKr adapters are exported merged only)."""
-    import diffusers
-
-    backbone = getattr(pl_module, "backbone", None)
-    if backbone is None or backbone.adapter is None:
-        return False
-    pipeline = getattr(diffusers, backbone.pipeline_class)
-    return adapters.is_lora(backbone.model) and hasattr(pipeline, "save_lora_weights")
 
 
 def check_whole_weights(trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -50,12 +50,11 @@ def adapter_metadata(model: nn.Module) -> dict[str, Any]:
     return {k: sorted(v) if isinstance(v, set) else v for k, v in meta.items()}
 
 
-def adapter_state(model: nn.Module, state: dict[str, torch.Tensor] | None = None):
-    """The adapter's weights under peft's key names (``...to_q.lora_A.weight``), from ``state``
-    (a whole state dict of ``model``: gathered or EMA) or from the live model."""
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's weights under peft's key names (``...to_q.lora_A.weight``)."""
     from peft import get_peft_model_state_dict
 
-    return get_peft_model_state_dict(model, state_dict=state, adapter_name=ADAPTER)
+    return get_peft_model_state_dict(model, adapter_name=ADAPTER)
 
 
 def trainable_keys(module: nn.Module) -> set[str]:

@@ -48,8 +48,9 @@ class LatentDiffusion(L.LightningModule):
         validation_levels: int = 8,
         base: str | None = None,
     ) -> None:
-        """``base``: the pretrained pipeline (folder or hub id) a fine-tuning run starts from,
-        whose parts the config loads; recorded for the run's lineage."""
+        """``base``: the pretrained pipeline (folder or hub id) a fine-tuning run starts from;
+        the config's parts load from it (``${model.base}``), and the saved config is where
+        ``ldm-export`` finds it again for an adapter checkpoint."""
         super().__init__()
         self.base = base
         backbone.check(int(vae.config.latent_channels), conditioner, objective)

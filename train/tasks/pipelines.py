@@ -95,23 +95,30 @@ def export(module: Any, out_dir: str | Path, model: torch.nn.Module | None = Non
     return Path(out_dir)
 
 
+def lora_format_problem(module: Any, model: torch.nn.Module | None = None) -> str | None:
+    """Why `model` (default: the trained one) cannot be written in diffusers' LoRA format, or
+    None when it can (LoHa and LoKr adapters, and families without a LoRA loader, cannot)."""
+    model = model if model is not None else module.trainable
+    if not adapters.has_adapter(model):
+        return "the model has no adapter (model.backbone.adapter)"
+    pipeline = module.backbone.pipeline_class
+    if not hasattr(getattr(diffusers, pipeline), "save_lora_weights"):
+        return f"{pipeline} has no LoRA format in diffusers"
+    if not adapters.is_lora(model):
+        kind = type(adapters.adapter_config(model)).__name__
+        return f"diffusers' LoRA format holds LoRA and DoRA adapters only, not {kind}"
+    return None
+
+
 def export_lora(module: Any, out_dir: str | Path, model: torch.nn.Module | None = None) -> Path:
     """Write the trained LoRA in diffusers' format (``pytorch_lora_weights.safetensors`` with the
     adapter's config in its metadata), which the family pipeline's ``load_lora_weights`` reads
     with the trained rank and alpha; replaces `out_dir` atomically."""
     model = model if model is not None else module.trainable
+    problem = lora_format_problem(module, model)
+    if problem:
+        raise ConfigError(f"{problem}; export the merged model instead (the run's export folder)")
     pipeline = getattr(diffusers, module.backbone.pipeline_class)
-    if not hasattr(pipeline, "save_lora_weights"):
-        raise ConfigError(
-            f"{pipeline.__name__} has no LoRA format in diffusers; export the merged model "
-            "instead (the run's export folder)"
-        )
-    if not adapters.is_lora(model):
-        kind = type(adapters.adapter_config(model)).__name__
-        raise ConfigError(
-            f"diffusers' LoRA format holds LoRA and DoRA adapters only, not {kind}; export the "
-            "merged model instead (the run's export folder)"
-        )
     name = module.backbone.component
     layers = {
         f"{name}_lora_layers": adapters.adapter_state(model),
