@@ -63,7 +63,7 @@ demo: setup
 # img2dataset's venv, DeepSpeed's CPU ops), so that no test pays for an install.
 test: setup
 	$(RUN) $(PY) tests/prepare.py
-	$(RUN) $(BIN)/pytest -q $(PYTEST_ARGS)
+	$(RUN) $(BIN)/pytest -q --durations=30 $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check train data jobs tests
