@@ -42,7 +42,12 @@ NOT_RUN = {
     "sacct -j": "a finished job on the local cluster (tests/jobs/test_slurm_jobs.py)",
     "python -m support.slurm_local down": "stops a local cluster this test never starts",
     "ldm-export outputs/runs/demo/": "a trained checkpoint (tests/cli/test_sampling_cli.py)",
+    "ldm-export outputs/runs/sd15-finetune/": "an SD-1.5-size export "
+    "(tests/exports/test_single_file.py checks the layout at full size on the meta device)",
     "ldm-sample /tmp/my-export": "an export (tests/cli/test_sampling_cli.py)",
+    "ldm-sample outputs/runs/demo/export": "a trained export and images "
+    "(tests/cli/test_sampling_images.py)",
+    "ldm-sample /models/my-sd15": "a pretrained pipeline and a LoRA (tests/finetune/test_lora.py)",
     "ldm-eval outputs/runs/demo-dit/export": "a trained demo_dit export (minutes of training)",
     "ldm-eval outputs/runs/demo/export --reference": "an export and a CLIP model "
     "(tests/evaluation/test_ldm_eval.py runs it on tiny ones)",

@@ -19,17 +19,20 @@ from train.cli.export import module_from_checkpoint
 from train.config.compose import compose
 from train.errors import ConfigError
 from train.models import adapters
+from train.tasks.pipelines import export_kohya
 
 RANK, ALPHA = 4, 8  # alpha != rank: a reload that loses alpha comes back at half the strength
 
 
-def lora_overrides(root: Path, base: Path, shards: Path, *extra: str) -> list[str]:
+def lora_overrides(
+    root: Path, base: Path, shards: Path, *extra: str, logger: str = "none"
+) -> list[str]:
     return [
         f"paths.root={root}",
         "experiment=lora",
         f"model.base={base}",
         f"data.urls={shards}",
-        "logger=none",
+        f"logger={logger}",
         "data.resolution=16",
         "data.batch_size=4",
         "data.num_workers=0",
@@ -54,7 +57,7 @@ def lora_run(tmp_path_factory, tiny_run, demo_shards):
     from train.cli.train import main
 
     base = tiny_run[0] / "export"
-    args = lora_overrides(tmp_path_factory.mktemp("lora"), base, demo_shards)
+    args = lora_overrides(tmp_path_factory.mktemp("lora"), base, demo_shards, logger="mlflow")
     proc = run_cli(main, ["ldm-train", *args])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return Path(compose(args).paths.run_dir), base
@@ -108,6 +111,72 @@ def test_lora_export_reloads_at_the_trained_strength(lora_run) -> None:
     assert not any("lora" in k for k in merged.state_dict())
 
 
+def comfyui_lora_names(unet: UNet2DConditionModel) -> set[str]:
+    """The LoRA module names ComfyUI maps onto a diffusers-layout UNet (comfy/lora.py,
+    ``model_lora_keys_unet``): ``lora_unet_`` + each weight's key without ``.weight``, dots as
+    underscores. A key outside this set is "lora key not loaded" there."""
+    suffix = ".weight"
+    return {"lora_unet_" + k[: -len(suffix)].replace(".", "_")
+            for k in unet.state_dict() if k.endswith(suffix)}  # fmt: skip
+
+
+def test_kohya_export_has_comfyui_names_and_reloads_at_the_trained_strength(lora_run) -> None:
+    run_dir, base = lora_run
+    state = load_file(run_dir / "lora_kohya" / "lora.safetensors")
+    names = {k.split(".")[0] for k in state}
+    base_unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+    assert names and names <= comfyui_lora_names(base_unet), names - comfyui_lora_names(base_unet)
+    assert all(state[f"{n}.alpha"].item() == ALPHA for n in names)  # not diffusers' alpha = rank
+    assert all(state[f"{n}.lora_down.weight"].shape[0] == RANK for n in names)
+    assert {k.split(".", 1)[1] for k in state} == {"alpha", "lora_down.weight", "lora_up.weight"}
+
+    pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None)
+    inputs = unet_inputs(pipe.unet, pipe.text_encoder.config.hidden_size)
+    with torch.no_grad():
+        pipe.load_lora_weights(run_dir / "lora_kohya")  # diffusers' kohya converter
+        reloaded = pipe.unet(*inputs).sample
+        module, _ = module_from_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+        trained = module.trainable.eval()(*inputs).sample
+    torch.testing.assert_close(reloaded, trained, rtol=0, atol=1e-5)
+
+
+def test_mlflow_records_the_adapter_and_its_base_and_registers_the_lora(lora_run) -> None:
+    from mlflow import MlflowClient
+
+    from train.tracking.lineage import base_sha256
+
+    run_dir, base = lora_run
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir.parents[1]}/mlflow.db")
+    run = client.get_run((run_dir / "mlflow_run_id").read_text().strip())
+    tags = run.data.tags
+    assert tags["adapter.type"] == "LoraConfig" and tags["base_model"] == str(base)
+    assert (tags["adapter.rank"], tags["adapter.alpha"]) == (str(RANK), str(ALPHA))
+    assert tags["adapter.target_modules"] == str(sorted(["to_q", "to_k", "to_v", "to_out.0"]))
+    digest = tags["base_model.sha256"]
+    assert len(digest) == 64 and digest == base_sha256.__wrapped__(str(base))
+    versions = {v.name: v for v in client.search_model_versions("name LIKE 'ldm-lora%'")}
+    assert set(versions) == {"ldm-lora", "ldm-lora-lora"}
+    lora = versions["ldm-lora-lora"]
+    assert lora.run_id == run.info.run_id and lora.source.endswith("/lora/step_0000004")
+    assert lora.tags["format"] == "diffusers-lora" and lora.tags["base_model.sha256"] == digest
+    assert versions["ldm-lora"].tags["format"] == "diffusers"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"lora", "lora_kohya", "export"} <= artifacts
+
+
+def test_base_hash_changes_with_any_file_of_the_base(tmp_path) -> None:
+    from train.tracking.lineage import base_sha256
+
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "w.safetensors").write_bytes(b"abc")
+    (tmp_path / "model_index.json").write_text("{}")
+    first = base_sha256.__wrapped__(str(tmp_path))
+    assert first == base_sha256.__wrapped__(str(tmp_path))
+    (tmp_path / "unet" / "w.safetensors").write_bytes(b"abd")
+    assert base_sha256.__wrapped__(str(tmp_path)) != first
+    assert base_sha256.__wrapped__("no/such-model-here") == "unavailable"
+
+
 def test_resume_from_an_adapter_checkpoint_matches_the_uninterrupted_run(
     lora_run, demo_shards, tmp_path
 ) -> None:
@@ -148,6 +217,10 @@ def perturbed_module(tmp_path: Path, base: Path, shards: Path, adapter: str):
     return module.eval()
 
 
+KOHYA_REFUSAL = {"dora": "DoRA has no kohya form", "loha": "not LoHaConfig",
+                 "lokr": "not LoKrConfig"}  # fmt: skip
+
+
 @pytest.mark.parametrize("adapter", ["lora", "dora", "loha", "lokr"])
 def test_adapter_variants_export(adapter, tiny_run, demo_shards, tmp_path) -> None:
     base = tiny_run[0] / "export"
@@ -167,6 +240,10 @@ def test_adapter_variants_export(adapter, tiny_run, demo_shards, tmp_path) -> No
         merged = UNet2DConditionModel.from_pretrained(tmp_path / "merged", subfolder="unet")
         # Folding the update into the weights rounds differently from adding it after: 1e-4.
         torch.testing.assert_close(merged(*inputs).sample, trained, rtol=0, atol=1e-4)
+        if adapter != "lora":
+            with pytest.raises(ConfigError, match=f"{KOHYA_REFUSAL[adapter]}.*diffusers-lora"):
+                export_kohya(module, tmp_path / "kohya")
+            assert not (tmp_path / "kohya").exists()
         if adapter in ("loha", "lokr"):
             with pytest.raises(ConfigError, match="LoRA and DoRA adapters only.*merged"):
                 module.export_lora(tmp_path / "lora")
@@ -174,14 +251,21 @@ def test_adapter_variants_export(adapter, tiny_run, demo_shards, tmp_path) -> No
         module.export_lora(tmp_path / "lora")
         pipe.load_lora_weights(tmp_path / "lora")
         torch.testing.assert_close(pipe.unet(*inputs).sample, trained, rtol=0, atol=1e-5)
+        if adapter == "lora":  # every weight moved: the kohya file's A, B and alpha all count
+            export_kohya(module, tmp_path / "kohya")
+            pipe.unload_lora_weights()
+            pipe.load_lora_weights(tmp_path / "kohya")
+            torch.testing.assert_close(pipe.unet(*inputs).sample, trained, rtol=0, atol=1e-5)
 
 
-def test_ldm_export_writes_both_formats_of_an_adapter_checkpoint(lora_run, tiny_run, tmp_path):
+def test_ldm_export_writes_every_format_of_an_adapter_checkpoint(lora_run, tiny_run, tmp_path):
     from train.cli.export import main as ldm_export
 
     run_dir, _ = lora_run
     ckpt = run_dir / "checkpoints" / "last.ckpt"
-    for fmt, out, same_as in (("diffusers-lora", "l", "lora"), ("merged", "m", "export/unet")):
+    formats = (("diffusers-lora", "l", "lora"), ("kohya", "k", "lora_kohya"),
+               ("merged", "m", "export/unet"))  # fmt: skip
+    for fmt, out, same_as in formats:
         proc = run_cli(ldm_export, ["ldm-export", str(ckpt), str(tmp_path / out), "--format", fmt])
         assert proc.returncode == 0, proc.stdout + proc.stderr
         sub = "unet" if fmt == "merged" else ""
@@ -203,3 +287,41 @@ def test_a_lora_run_without_a_base_is_refused_naming_it(tmp_path, demo_shards) -
     proc = run_cli(main, ["ldm-train", *args])
     assert proc.returncode != 0
     assert "model.base" in proc.stderr, proc.stderr
+
+
+def test_ldm_sample_with_the_lora_matches_the_merged_export(lora_run, tmp_path) -> None:
+    """--lora at scale 1 (either format) gives the merged export's images; scale 0 the base's;
+    a LoRA for another family's denoiser (transformer keys) is refused naming the flag."""
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from train.cli.sample import main as ldm_sample
+
+    run_dir, base = lora_run
+
+    def sample(export: Path, *args: str) -> np.ndarray:
+        out = tmp_path / f"{len(list(tmp_path.iterdir()))}.png"
+        argv = ["ldm-sample", str(export), "--prompt", "a red circle at the top left on a white "
+                "background", "--steps", "3", "--out", str(out), *args]  # fmt: skip
+        proc = run_cli(ldm_sample, argv)
+        assert proc.returncode == 0, proc.stderr
+        with Image.open(out) as image:
+            return np.asarray(image.convert("RGB")).astype(int)
+
+    merged, plain = sample(run_dir / "export"), sample(base)
+    for folder in ("lora", "lora_kohya"):
+        # The merged weights round differently (1e-5 on the UNet): a level or two in 255.
+        assert np.abs(sample(base, "--lora", str(run_dir / folder)) - merged).max() <= 2, folder
+    assert np.abs(merged - plain).max() > 8  # the LoRA changes the images
+    assert np.array_equal(sample(base, "--lora", str(run_dir / "lora"), "--lora-scale", "0"), plain)
+
+    other = tmp_path / "other"
+    other.mkdir()
+    state = load_file(run_dir / "lora" / "pytorch_lora_weights.safetensors")
+    save_file({k.replace("unet.", "transformer.", 1): v for k, v in state.items()},
+              str(other / "pytorch_lora_weights.safetensors"))  # fmt: skip
+    proc = run_cli(ldm_sample, ["ldm-sample", str(base), "--prompt", "x", "--lora", str(other),
+                                "--out", str(tmp_path / "no.png")])  # fmt: skip
+    assert proc.returncode != 0 and not (tmp_path / "no.png").exists()
+    assert f"--lora {other} holds no weights for {base}'s UNet2DConditionModel" in proc.stderr

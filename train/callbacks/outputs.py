@@ -17,6 +17,7 @@ from train.callbacks.preemption import preempted
 from train.distributed.sharding import full_state_dict, is_sharded
 from train.errors import ConfigError
 from train.tasks import pipelines
+from train.tracking.lineage import adapter_tags
 from train.tracking.tags import (
     MLFLOW_RUN_ID_KEY,
     log_artifact,
@@ -140,11 +141,13 @@ class ExportOnTrainEnd(L.Callback):
         log_to_mlflow: bool = True,
         register_as: str | None = None,
         lora_dirname: str = "lora",
+        kohya_dirname: str | None = "lora_kohya",
     ) -> None:
         self.dirname, self.log_to_mlflow, self.register_as = dirname, log_to_mlflow, register_as
-        self.lora_dirname = lora_dirname
+        self.lora_dirname, self.kohya_dirname = lora_dirname, kohya_dirname
         self.path: Path | None = None
         self.lora_path: Path | None = None
+        self.kohya_path: Path | None = None
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         check_whole_weights(trainer, pl_module)
@@ -160,23 +163,36 @@ class ExportOnTrainEnd(L.Callback):
             return
         root = Path(trainer.default_root_dir)
         self.path = pl_module.export(root / self.dirname, **extra)
-        if (
-            getattr(pl_module, "backbone", None) is not None
-            and pipelines.lora_format_problem(pl_module, extra.get("model")) is None
-        ):
-            self.lora_path = pl_module.export_lora(root / self.lora_dirname, **extra)
-            if self.log_to_mlflow:
-                log_artifact(trainer, self.lora_path, f"{self.lora_dirname}/step_"
-                             f"{trainer.global_step:07d}")  # fmt: skip
-        if self.log_to_mlflow:
-            # One artifact path per training end: a resumed run uploads beside, never over, the
-            # export an earlier registered version points at (registered versions are immutable).
-            artifact = f"{self.dirname}/step_{trainer.global_step:07d}"
-            if self.register_as and registered_version(trainer, self.register_as, artifact):
-                return  # this very export (same run, same step) is logged and registered
-            log_artifact(trainer, self.path, artifact)
-            if self.register_as:
-                register_export(trainer, self.register_as, artifact)
+        lineage = adapter_tags(pl_module)
+        self._publish(trainer, self.path, self.dirname, self.register_as, "diffusers", lineage)
+        if getattr(pl_module, "backbone", None) is not None:
+            self._export_adapter(trainer, pl_module, root, extra.get("model"), lineage)
+
+    def _export_adapter(self, trainer, pl_module, root: Path, model: Any, lineage: dict) -> None:
+        """The LoRA files beside the merged export, in each format the adapter has; the
+        diffusers one registered as `<register_as>-lora`."""
+        if pipelines.lora_format_problem(pl_module, model) is None:
+            self.lora_path = pipelines.export_lora(pl_module, root / self.lora_dirname, model)
+            name = self.register_as and f"{self.register_as}-lora"
+            self._publish(trainer, self.lora_path, self.lora_dirname, name, "diffusers-lora",
+                          lineage)  # fmt: skip
+        if self.kohya_dirname and pipelines.kohya_format_problem(pl_module, model) is None:
+            self.kohya_path = pipelines.export_kohya(pl_module, root / self.kohya_dirname, model)
+            self._publish(trainer, self.kohya_path, self.kohya_dirname, None, "kohya", lineage)
+
+    def _publish(self, trainer, path: Path, dirname: str, register_as: str | None, fmt: str,
+                 tags: dict) -> None:  # fmt: skip
+        """Log `path` to MLflow and register it as a version of `register_as` (when set)."""
+        if not self.log_to_mlflow:
+            return
+        # One artifact path per training end: a resumed run uploads beside, never over, the
+        # export an earlier registered version points at (registered versions are immutable).
+        artifact = f"{dirname}/step_{trainer.global_step:07d}"
+        if register_as and registered_version(trainer, register_as, artifact):
+            return  # this very export (same run, same step) is logged and registered
+        log_artifact(trainer, path, artifact)
+        if register_as:
+            register_export(trainer, register_as, artifact, fmt, tags)
 
 
 def check_whole_weights(trainer: L.Trainer, pl_module: L.LightningModule) -> None:

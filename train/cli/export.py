@@ -11,6 +11,7 @@ from train.errors import BAD_INPUT, ArgumentParser, ConfigError, bad_input, caus
 
 # torch, Hydra, Lightning and diffusers load inside the functions: `check_checkpoint` answers a
 # wrong path in about a second, not after 8 s of imports.
+ADAPTER_FORMATS = ("diffusers-lora", "kohya")
 EXAMPLE = "pass a checkpoint written by ldm-train, e.g. RUN_DIR/checkpoints/last.ckpt"
 
 
@@ -91,11 +92,12 @@ def export_checkpoint(
     from the checkpoint's parts spec (diffusers configs); a checkpoint from before the spec
     existed, or of an adapter run (whose base loads from `model.base`), goes through its saved
     config. ``fmt``: ``merged`` (a whole pipeline; an adapter merged into its base) or
-    ``diffusers-lora`` (an adapter run's LoRA in diffusers' format)."""
+    ``diffusers-lora`` (an adapter run's LoRA in diffusers' format) or ``kohya`` (the same LoRA
+    as one file in the layout A1111 and ComfyUI load)."""
     from train.util import atomic_dir
 
     ckpt = load_checkpoint(ckpt_path, allow_pickle)
-    if fmt == "diffusers-lora" and not has_adapter(ckpt):
+    if fmt in ADAPTER_FORMATS and not has_adapter(ckpt):
         raise ConfigError(f"{ckpt_path} is not an adapter run's checkpoint (no "
                           "model.backbone.adapter): export it with --format merged")  # fmt: skip
     if "ldm_parts" not in ckpt or has_adapter(ckpt):
@@ -104,6 +106,10 @@ def export_checkpoint(
         model = module.model_from_state(ema) if use_ema and ema is not None else None
         if fmt == "diffusers-lora":
             return module.export_lora(out_dir, model)
+        if fmt == "kohya":
+            from train.tasks.pipelines import export_kohya
+
+            return export_kohya(module, out_dir, model)
         return module.export(out_dir, model)
     pipe = checkpoint_pipeline(ckpt, use_ema)
     with atomic_dir(out_dir) as tmp:
@@ -128,6 +134,37 @@ def checkpoint_pipeline(ckpt: dict, use_ema: bool = True) -> Any:
     ema = ema_from_checkpoint(ckpt) if use_ema else None
     state = ema if ema is not None else trainable_state(spec, ckpt["state_dict"])
     return rebuild_pipeline(spec, state)
+
+
+def export_single_file(
+    source: str | Path, out: str | Path, use_ema: bool, allow_pickle: bool, any_shape: bool
+) -> Path:
+    """Write `source` (a checkpoint, or an export folder) as one single-file checkpoint `out`
+    (``--format single-file``); see train/exports/single_file.py for what is refused."""
+    from train.exports import single_file
+
+    if Path(source, "model_index.json").is_file():
+        import diffusers
+
+        from train.cli.console import quiet_loading
+
+        quiet_loading()
+        pipe = diffusers.DiffusionPipeline.from_pretrained(source, use_safetensors=True)
+    else:
+        pipe = checkpoint_pipeline(load_checkpoint(source, allow_pickle), use_ema)
+    path, arch = single_file.write(pipe, out, any_shape)
+    print(f"{arch} single-file checkpoint")
+    return path
+
+
+def check_single_file_args(source: str | Path, out: str | Path) -> None:
+    """ConfigError unless `out` names a .safetensors file and `source` is an export folder or
+    can be a checkpoint."""
+    if Path(out).suffix != ".safetensors" or Path(out).is_dir():
+        raise ConfigError(f"--format single-file writes one file: name OUT like model.safetensors, "
+                          f"not {out}")  # fmt: skip
+    if not Path(source, "model_index.json").is_file():
+        check_checkpoint(source)
 
 
 def has_adapter(ckpt: dict) -> bool:
@@ -156,17 +193,27 @@ def check_checkpoint(path: str | Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(prog="ldm-export", description=__doc__)
-    parser.add_argument("checkpoint", help="a .ckpt written by ldm-train (e.g. .../last.ckpt)")
-    parser.add_argument("out", help="output folder (replaced atomically if it exists)")
+    parser.add_argument("checkpoint", help="a .ckpt written by ldm-train (e.g. .../last.ckpt); "
+                        "for --format single-file also an export folder")  # fmt: skip
+    parser.add_argument("out", help="output folder (replaced atomically if it exists); for "
+                        "--format single-file a .safetensors file")  # fmt: skip
     parser.add_argument(
         "--no-ema", action="store_true", help="export the raw weights even if the run kept an EMA"
     )
     parser.add_argument(
         "--format",
-        choices=("merged", "diffusers-lora"),
+        choices=("merged", *ADAPTER_FORMATS, "single-file"),
         default="merged",
         help="merged (default): a whole diffusers pipeline, an adapter merged into its base; "
-        "diffusers-lora: an adapter run's LoRA for pipe.load_lora_weights",
+        "diffusers-lora: an adapter run's LoRA for pipe.load_lora_weights; kohya: the same LoRA "
+        "as OUT/lora.safetensors for A1111's and ComfyUI's lora folders; single-file: an "
+        "SD-1.x/2.x/SDXL model as one checkpoint file for A1111's and ComfyUI's checkpoints",
+    )
+    parser.add_argument(
+        "--any-shape",
+        action="store_true",
+        help="single-file: write the layout even for a shape A1111 and ComfyUI cannot load "
+        "(diffusers' from_single_file(config=EXPORT) reads it)",
     )
     parser.add_argument(
         "--allow-pickle",
@@ -175,14 +222,24 @@ def main(argv: list[str] | None = None) -> None:
         "checkpoints you trust); .ckpt files never need it",
     )
     args = parser.parse_args(argv)
+    single = args.format == "single-file"
     with bad_input("ldm-export:", debug_flag(args)):
-        check_checkpoint(args.checkpoint)
+        if args.any_shape and not single:
+            raise ConfigError("--any-shape applies to --format single-file only")
+        if single:
+            check_single_file_args(args.checkpoint, args.out)
+        else:
+            check_checkpoint(args.checkpoint)
     # ValueError: a folder that needs --allow-pickle, a checkpoint not written by ldm-train.
     with bad_input("ldm-export:", debug_flag(args), (*BAD_INPUT, ValueError)):
         try:
-            out = export_checkpoint(
-                args.checkpoint, args.out, not args.no_ema, args.allow_pickle, args.format
-            )
+            if single:
+                out = export_single_file(args.checkpoint, args.out, not args.no_ema,
+                                         args.allow_pickle, args.any_shape)  # fmt: skip
+            else:
+                out = export_checkpoint(
+                    args.checkpoint, args.out, not args.no_ema, args.allow_pickle, args.format
+                )
         except pickle.UnpicklingError as e:  # weights_only=True refused a pickled object
             raise ConfigError(
                 f"{args.checkpoint} cannot be loaded: Weights only load failed (it holds pickled "

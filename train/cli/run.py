@@ -28,7 +28,7 @@ from train.config.resume import check_resume_data
 from train.config.run_files import RUN_ID_FILE, check_fresh_start, checkpoint_dir, save_hydra_files
 from train.distributed.checkpoint_io import resolve_checkpoint
 from train.errors import cause_of
-from train.tracking.lineage import dataset_manifest, requirements
+from train.tracking.lineage import adapter_tags, dataset_manifest, requirements
 from train.tracking.secrets import redact
 from train.tracking.tags import (
     MLFLOW_RUN_ID_KEY,
@@ -77,7 +77,7 @@ def run(cfg: DictConfig) -> float | None:
         print(f"{plan.describe()}; lr {cfg.model.optimizer.lr:g}", flush=True)
     log_params(loggers, resolved, resuming=ckpt_path is not None)
     remember_run_ids(trainer, run_dir)
-    record_lineage(trainer, resolved, datamodule, run_dir)
+    record_lineage(trainer, resolved, datamodule, run_dir, module)
     save_hydra_files(composed)  # once the run's checks have passed
     if trainer.is_global_zero and cfg.ckpt_path == "last":
         print(f"Resuming from {ckpt_path}" if ckpt_path else "No checkpoint yet: fresh start",
@@ -208,13 +208,17 @@ def log_params(loggers: list[Logger], resolved: dict, resuming: bool) -> None:
         logger.log_hyperparams(flatten_for_params(resolved))
 
 
-def record_lineage(trainer: L.Trainer, resolved: dict, datamodule: Any, run_dir: Path) -> None:
-    """Rank 0: the resolved config as a YAML artifact, the environment's packages, and the
-    dataset's description (tags) and shard manifest (artifact)."""
+def record_lineage(
+    trainer: L.Trainer, resolved: dict, datamodule: Any, run_dir: Path, module: Any
+) -> None:
+    """Rank 0: the resolved config as a YAML artifact, the environment's packages, the
+    dataset's description (tags) and shard manifest (artifact), and an adapter run's adapter
+    and base model (tags)."""
     if not trainer.is_global_zero or not mlflow_loggers(trainer):
         return
     data = resolved.get("data") or {}
     tags, manifest = dataset_manifest(datamodule, data.get("urls") or data.get("datasets"))
+    tags |= adapter_tags(module)
     for logger in mlflow_loggers(trainer):
         for key, value in tags.items():
             logger.experiment.set_tag(logger.run_id, key, value)

@@ -1,4 +1,5 @@
-"""`ldm-sample EXPORT --prompt ... --out grid.png`: generate with diffusers' own pipeline."""
+"""`ldm-sample EXPORT --prompt ... --out grid.png`: generate with diffusers' own pipeline (from
+text, or from an image with --init-image, --mask; a LoRA with --lora)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from train.cli import sample_images
 from train.errors import (
     BAD_INPUT,
     ArgumentParser,
@@ -137,12 +139,14 @@ def generate(
     guidance_scale: float = 4.0,
     seed: int = 0,
     batch_size: int = 16,
+    extra: dict | None = None,
 ) -> list[Image.Image]:
-    """Images for `prompts`, one seeded generator for the whole list, in batches."""
+    """Images for `prompts`, one seeded generator for the whole list, in batches; `extra`: more
+    call arguments (an init image, a mask, a strength)."""
     import torch
 
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    extra = call_kwargs(pipe)
+    extra = {**call_kwargs(pipe), **(extra or {})}
     images: list[Image.Image] = []
     for i in range(0, len(prompts), batch_size):
         images += pipe(
@@ -184,17 +188,22 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="also load .bin/.ckpt weights (runs pickle: only for files you trust)",
     )
+    sample_images.add_arguments(p)
     args = p.parse_args(argv)
     with bad_input("ldm-sample:", debug_flag(args)):
         check_export(args.export)  # before the imports of load_pipeline (seconds)
+        sample_images.check_arguments(args)
     from train.util import image_grid
 
     # OSError: diffusers refusing pickle-based weights, or a part missing from the export.
     with bad_input("ldm-sample:", debug_flag(args), (*BAD_INPUT, OSError)):
         pipe = load_pipeline(args.export, args.scheduler, args.allow_pickle)
+        pipe, image_kwargs = sample_images.image_pipeline(pipe, args)
+        if args.lora:
+            sample_images.apply_lora(pipe, args.lora, args.lora_scale, args.export)
     warn_long_prompts(pipe, args.prompt)
     prompts = [pr for pr in args.prompt for _ in range(args.num_per_prompt)]
-    images = generate(pipe, prompts, args.steps, args.guidance_scale, args.seed)
+    images = generate(pipe, prompts, args.steps, args.guidance_scale, args.seed, extra=image_kwargs)
     grid = image_grid(images, cols=args.num_per_prompt if args.num_per_prompt > 1 else None)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     grid.save(args.out)

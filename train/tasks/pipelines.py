@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from train.errors import ConfigError
+from train.exports import kohya_lora
 from train.models import adapters
 from train.util import atomic_dir, image_grid
 
@@ -126,4 +127,33 @@ def export_lora(module: Any, out_dir: str | Path, model: torch.nn.Module | None 
     }
     with atomic_dir(out_dir) as tmp:
         pipeline.save_lora_weights(tmp, **layers, safe_serialization=True)
+    return Path(out_dir)
+
+
+KOHYA_FILE = "lora.safetensors"
+
+
+def kohya_format_problem(module: Any, model: torch.nn.Module | None = None) -> str | None:
+    """Why `model` (default: the trained one) has no kohya / A1111 / ComfyUI LoRA file, or None
+    when it has one (UNet families' LoRAs; ComfyUI reads SD3's and Flux's diffusers-lora)."""
+    if module.backbone.component != "unet":
+        return (f"the kohya format is for UNet LoRAs; ComfyUI loads a {module.backbone.component}"
+                " LoRA in the diffusers-lora format")  # fmt: skip
+    return kohya_lora.kohya_problem(model if model is not None else module.trainable)
+
+
+def export_kohya(module: Any, out_dir: str | Path, model: torch.nn.Module | None = None) -> Path:
+    """Write the trained LoRA as one kohya-layout file, `out_dir`/lora.safetensors, for A1111's
+    and ComfyUI's lora folders (diffusers' ``load_lora_weights`` reads it too); replaces `out_dir`
+    atomically."""
+    from safetensors.torch import save_file
+
+    model = model if model is not None else module.trainable
+    problem = kohya_format_problem(module, model)
+    if problem:
+        raise ConfigError(f"{problem}; export --format diffusers-lora or merged instead")
+    state = kohya_lora.kohya_state(model)
+    meta = kohya_lora.kohya_metadata(model, getattr(module, "base", None))
+    with atomic_dir(out_dir) as tmp:
+        save_file(state, str(tmp / KOHYA_FILE), metadata=meta)
     return Path(out_dir)

@@ -6,10 +6,12 @@ other hosts with other job ids; tags keep the latest values and params keep the 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import platform
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 # The libraries whose versions change what a run computes.
@@ -75,3 +77,45 @@ def dataset_manifest(datamodule: Any, patterns: Any) -> tuple[dict[str, str], st
     if datamodule.val_shards:
         tags["dataset.val_num_samples"] = str(sum(datamodule.val_sizes or []))
     return tags, manifest
+
+
+def adapter_tags(module: Any) -> dict[str, str]:
+    """Tags of an adapter run (empty for others): the adapter's kind, rank, alpha and targets,
+    the base model it was trained on and that base's content hash, so that a LoRA found later
+    names the exact weights it belongs to."""
+    config = getattr(getattr(module, "backbone", None), "adapter", None)
+    if config is None:
+        return {}
+    tags = {"adapter.type": type(config).__name__}
+    for key, tag in (("r", "rank"), ("lora_alpha", "alpha"), ("alpha", "alpha"),
+                     ("use_dora", "use_dora"), ("target_modules", "target_modules")):  # fmt: skip
+        value = getattr(config, key, None)
+        if value is not None and f"adapter.{tag}" not in tags:
+            value = sorted(value) if isinstance(value, set) else value
+            tags[f"adapter.{tag}"] = str(value)[:5000]
+    base = getattr(module, "base", None)
+    if base:
+        tags["base_model"] = str(base)
+        tags["base_model.sha256"] = base_sha256(str(base))
+    return tags
+
+
+@functools.lru_cache(maxsize=8)
+def base_sha256(base: str) -> str:
+    """SHA-256 over a pretrained pipeline's files (relative paths and contents, in path order):
+    a local folder, or a hub id's snapshot in the local cache; "unavailable" when neither."""
+    folder = Path(base)
+    if not folder.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(base, local_files_only=True))
+        except Exception:  # noqa: BLE001 - not cached, not a repo id: nothing to hash
+            return "unavailable"
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()

@@ -95,9 +95,16 @@ def registered_version(trainer: L.Trainer, name: str, artifact_path: str) -> str
     return None
 
 
-def register_export(trainer: L.Trainer, name: str, artifact_path: str) -> None:
+def register_export(
+    trainer: L.Trainer,
+    name: str,
+    artifact_path: str,
+    fmt: str = "diffusers",
+    tags: dict[str, str] | None = None,
+) -> None:
     """Register the logged export folder as a new version of the registered model `name`, linked
-    to its run. A tracker that refuses (or is away) costs a warning, never the finished run."""
+    to its run; the version's tags name its `fmt` (and `tags`: an adapter's lineage). A tracker
+    that refuses (or is away) costs a warning, never the finished run."""
     for logger in mlflow_loggers(trainer):
         client, run_id = logger.experiment, logger.run_id
         try:
@@ -111,9 +118,13 @@ def register_export(trainer: L.Trainer, name: str, artifact_path: str) -> None:
                 source=f"runs:/{run_id}/{artifact_path}",
                 run_id=run_id,
                 # The run name as configured: MLFlowLogger has no public accessor for it.
-                tags={"format": "diffusers", "run_name": str(logger._run_name),
-                      "step": str(trainer.global_step)},  # fmt: skip
-                description=f"diffusers folder exported by run {run_id}",
+                tags={
+                    "format": fmt,
+                    "run_name": str(logger._run_name),
+                    "step": str(trainer.global_step),
+                    **(tags or {}),
+                },
+                description=f"{fmt} export of run {run_id}",
             )
             print(f"Registered model {name!r} version {version.version} (run {run_id})")
         except (MlflowException, OSError) as e:

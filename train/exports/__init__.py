@@ -1,0 +1,1 @@
+"""Export formats besides diffusers' own folders: the files other tools (A1111, ComfyUI) load."""
