@@ -57,7 +57,9 @@ def lora_run(tmp_path_factory, tiny_run, demo_shards):
     from train.cli.train import main
 
     base = tiny_run[0] / "export"
-    args = lora_overrides(tmp_path_factory.mktemp("lora"), base, demo_shards, logger="mlflow")
+    # With the adapter's EMA: every export below is of the EMA weights, not the raw ones.
+    root = tmp_path_factory.mktemp("lora")
+    args = lora_overrides(root, base, demo_shards, "callbacks/ema=default", logger="mlflow")
     proc = run_cli(main, ["ldm-train", *args])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return Path(compose(args).paths.run_dir), base
@@ -70,6 +72,14 @@ def unet_inputs(unet: UNet2DConditionModel, text_dim: int) -> tuple:
     return x, torch.tensor([10, 700]), torch.randn(2, 6, text_dim, generator=g)
 
 
+def trained_outputs(run_dir: Path, inputs: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """The UNet prediction of the run's last checkpoint with its EMA adapter and its raw one."""
+    module, ema = module_from_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    with torch.no_grad():
+        raw = module.trainable.eval()(*inputs).sample
+        return module.model_from_state(ema)(*inputs).sample, raw
+
+
 def test_checkpoint_holds_only_the_adapter(lora_run) -> None:
     run_dir, base = lora_run
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
@@ -79,6 +89,9 @@ def test_checkpoint_holds_only_the_adapter(lora_run) -> None:
     n_base = sum(p.numel() for p in base_unet.parameters())
     n_ckpt = sum(v.numel() for v in ckpt["state_dict"].values())
     assert n_ckpt < n_base / 10, (n_ckpt, n_base)
+    # The EMA shadows the adapter alone: the frozen base is never averaged or stored twice.
+    ema = ckpt["callbacks"]["EMA"]["state"]
+    assert len(ema) == len(keys) and all(".lora_A." in k or ".lora_B." in k for k in ema)
     # The optimizer state covers the adapter only.
     state = ckpt["optimizer_states"][0]["state"]
     assert sum(s["exp_avg"].numel() for s in state.values()) == n_ckpt
@@ -101,9 +114,9 @@ def test_lora_export_reloads_at_the_trained_strength(lora_run) -> None:
         reloaded = pipe.unet(*inputs).sample
         merged = UNet2DConditionModel.from_pretrained(run_dir / "export", subfolder="unet")
         fused = merged(*inputs).sample
-        module, _ = module_from_checkpoint(run_dir / "checkpoints" / "last.ckpt")
-        trained = module.trainable.eval()(*inputs).sample
+        trained, raw = trained_outputs(run_dir, inputs)
     assert (reloaded - before).abs().max() > 1e-3  # the LoRA changes the UNet
+    assert (trained - raw).abs().max() > 1e-4  # the EMA is not the raw adapter
     torch.testing.assert_close(reloaded, trained, rtol=0, atol=1e-5)
     torch.testing.assert_close(fused, trained, rtol=0, atol=1e-5)
     # The merged export is a plain UNet: no adapter weights left in it.
@@ -135,8 +148,7 @@ def test_kohya_export_has_comfyui_names_and_reloads_at_the_trained_strength(lora
     with torch.no_grad():
         pipe.load_lora_weights(run_dir / "lora_kohya")  # diffusers' kohya converter
         reloaded = pipe.unet(*inputs).sample
-        module, _ = module_from_checkpoint(run_dir / "checkpoints" / "last.ckpt")
-        trained = module.trainable.eval()(*inputs).sample
+        trained, _ = trained_outputs(run_dir, inputs)
     torch.testing.assert_close(reloaded, trained, rtol=0, atol=1e-5)
 
 
@@ -188,7 +200,8 @@ def test_resume_from_an_adapter_checkpoint_matches_the_uninterrupted_run(
     for name in ("last.ckpt", "step_0000004.ckpt"):
         (copy / "checkpoints" / name).unlink()
     step2 = copy / "checkpoints" / "step_0000002.ckpt"
-    args = lora_overrides(tmp_path, base, demo_shards, f"ckpt_path={step2}")
+    args = lora_overrides(tmp_path, base, demo_shards, "callbacks/ema=default",
+                          f"ckpt_path={step2}")  # fmt: skip
     proc = run_cli(main, ["ldm-train", *args])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     ref = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
@@ -197,9 +210,12 @@ def test_resume_from_an_adapter_checkpoint_matches_the_uninterrupted_run(
     assert ref["state_dict"].keys() == got["state_dict"].keys()
     for k, v in ref["state_dict"].items():
         assert torch.equal(v, got["state_dict"][k]), k
+    ref_ema, got_ema = (c["callbacks"]["EMA"] for c in (ref, got))
+    assert got_ema["updates"] == ref_ema["updates"] == 4
+    assert all(torch.equal(v, got_ema["state"][k]) for k, v in ref_ema["state"].items())
 
 
-def perturbed_module(tmp_path: Path, base: Path, shards: Path, adapter: str):
+def perturbed_module(tmp_path: Path, base: Path, shards: Path, adapter: str, *extra: str):
     """The task with a fresh adapter whose weights are all moved off their init (peft starts
     LoRA's B at zero: an untouched adapter would round-trip trivially)."""
     from hydra.utils import instantiate
@@ -207,7 +223,9 @@ def perturbed_module(tmp_path: Path, base: Path, shards: Path, adapter: str):
     overrides = lora_overrides(tmp_path, base, shards, f"model/backbone/adapter={adapter}")
     if adapter in ("loha", "lokr"):  # their own rank and alpha keys (conf/.../adapter/)
         overrides = [o for o in overrides if not o.startswith("model.backbone.adapter.")]
-    cfg = compose(overrides)
+    replaced = {e.split("=", 1)[0] for e in extra}
+    overrides = [o for o in overrides if o.split("=", 1)[0] not in replaced]
+    cfg = compose([*overrides, *extra])
     module = instantiate(cfg.model)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -215,6 +233,27 @@ def perturbed_module(tmp_path: Path, base: Path, shards: Path, adapter: str):
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g) * 0.2)
     return module.eval()
+
+
+@pytest.mark.parametrize("alpha", [RANK, ALPHA], ids=["alpha=rank", "alpha!=rank"])
+def test_perturbed_lora_reloads_the_same_whatever_its_alpha(alpha, tiny_run, demo_shards,
+                                                            tmp_path) -> None:  # fmt: skip
+    """Both files (diffusers with metadata, kohya with per-module alpha) restore the trained
+    scale alpha / rank, so the reloaded UNet predicts what the trained one does."""
+    base = tiny_run[0] / "export"
+    module = perturbed_module(tmp_path, base, demo_shards, "lora",
+                              f"model.backbone.adapter.lora_alpha={alpha}")  # fmt: skip
+    assert adapters.adapter_config(module.trainable).lora_alpha == alpha
+    pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None)
+    inputs = unet_inputs(pipe.unet, pipe.text_encoder.config.hidden_size)
+    module.export_lora(tmp_path / "lora")
+    export_kohya(module, tmp_path / "kohya")
+    with torch.no_grad():
+        trained = module.trainable(*inputs).sample
+        for folder in ("lora", "kohya"):
+            pipe.load_lora_weights(tmp_path / folder)
+            torch.testing.assert_close(pipe.unet(*inputs).sample, trained, rtol=0, atol=1e-5)
+            pipe.unload_lora_weights()
 
 
 KOHYA_REFUSAL = {"dora": "DoRA has no kohya form", "loha": "not LoHaConfig",
@@ -278,6 +317,23 @@ def test_ldm_export_writes_every_format_of_an_adapter_checkpoint(lora_run, tiny_
                                 "diffusers-lora"])  # fmt: skip
     assert proc.returncode != 0
     assert "not an adapter run's checkpoint" in proc.stderr and not (tmp_path / "x").exists()
+
+
+def test_target_modules_the_model_lacks_are_refused_naming_the_setting(
+    tiny_run, demo_shards, tmp_path
+) -> None:
+    from hydra.utils import instantiate
+
+    cfg = compose(lora_overrides(tmp_path, tiny_run[0] / "export", demo_shards,
+                                 "model.backbone.adapter.target_modules=[to_qkv]"))  # fmt: skip
+    with pytest.raises(ConfigError) as refused:
+        try:
+            instantiate(cfg.model)
+        except Exception as e:  # Hydra wraps what a constructor raises
+            raise e.__cause__ or e from None
+    message = str(refused.value)
+    assert "model.backbone.adapter.target_modules=['to_qkv'] matches no module" in message
+    assert "to_q" in message and "to_out.0" in message  # what it could have named
 
 
 def test_a_lora_run_without_a_base_is_refused_naming_it(tmp_path, demo_shards) -> None:

@@ -53,7 +53,9 @@ class EMA(L.Callback):
         return min(self.decay, (1 + n) / (10 + n))
 
     def _params(self, pl_module: L.LightningModule) -> list[torch.nn.Parameter]:
-        return list(pl_module.trainable.parameters())
+        # The parameters that train: all of them, or an adapter's (its frozen base never moves,
+        # so a shadow of it would only cost memory and checkpoint space).
+        return trainable_params(pl_module)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._last_step = trainer.global_step
@@ -109,14 +111,24 @@ class EMA(L.Callback):
         self.shadow = None
 
 
+def trainable_params(pl_module) -> list[torch.nn.Parameter]:
+    return [p for p in pl_module.trainable.parameters() if p.requires_grad]
+
+
+def trainable_names(pl_module) -> list[str]:
+    """Names of `trainable_params`, in the same order, as state-dict keys."""
+    return [clean_name(n) for n, p in pl_module.trainable.named_parameters() if p.requires_grad]
+
+
 def shadow_for_checkpoint(trainer: L.Trainer, pl_module, ema: EMA) -> dict:
     """What a checkpoint stores: each rank's flat shards under ZeRO-3 (DeepSpeed writes every
-    rank's callback state), else the whole EMA state dict (written by rank 0)."""
+    rank's callback state), else the whole EMA state dict (written by rank 0); for an adapter
+    run only the adapter's entries (the base is loaded from model.base again)."""
     if ema.shadow is None:
         return {}
     if is_zero3(trainer.strategy):
-        names = [clean_name(n) for n, _ in pl_module.trainable.named_parameters()]
-        shapes = [list(p.ds_shape) for _, p in pl_module.trainable.named_parameters()]
+        names = trainable_names(pl_module)
+        shapes = [list(p.ds_shape) for p in trainable_params(pl_module)]
         return {
             "layout": "zero3",
             "rank": trainer.global_rank,
@@ -126,12 +138,17 @@ def shadow_for_checkpoint(trainer: L.Trainer, pl_module, ema: EMA) -> dict:
             "shards": [t.cpu() for t in ema.shadow],
         }
     state = ema.full_model_state(trainer, pl_module)
-    return {"layout": "full", "state": state} if trainer.is_global_zero else {}
+    if not trainer.is_global_zero:
+        return {}
+    if getattr(getattr(pl_module, "backbone", None), "adapter", None) is not None:
+        keep = set(trainable_names(pl_module))
+        state = {k: v for k, v in state.items() if k in keep}
+    return {"layout": "full", "state": state}
 
 
 def restore_shadow(trainer: L.Trainer, pl_module, saved: dict, local) -> list[torch.Tensor]:
     """This rank's EMA tensors from a checkpoint's EMA state (see `shadow_for_checkpoint`)."""
-    names = [clean_name(n) for n, _ in pl_module.trainable.named_parameters()]
+    names = trainable_names(pl_module)
     if saved.get("layout") == "zero3":
         if not is_zero3(trainer.strategy) or saved["world_size"] != trainer.world_size:
             raise ValueError(

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from train.errors import ConfigError
+
 ADAPTER = "default"  # peft's adapter name: one adapter per run
 
 
@@ -21,11 +23,31 @@ def attach(model: nn.Module, config: Any) -> nn.Module:
     the adapter's parameters train, in float32 whatever the base's dtype (as diffusers'
     ``cast_training_params`` does: bf16 adapter updates lose the small steps)."""
     model.requires_grad_(False)
-    model.add_adapter(copy.deepcopy(config), adapter_name=ADAPTER)
+    try:
+        model.add_adapter(copy.deepcopy(config), adapter_name=ADAPTER)
+    except ValueError as e:
+        if "not found in the base model" not in str(e):
+            raise
+        raise ConfigError(
+            f"model.backbone.adapter.target_modules={sorted(config.target_modules)} matches no "
+            f"module of the {type(model).__name__}; its adaptable layers end in: "
+            f"{', '.join(layer_suffixes(model))}"
+        ) from None
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
     return model
+
+
+def layer_suffixes(model: nn.Module) -> list[str]:
+    """The distinct last name parts of `model`'s Linear and Conv2d layers: what target_modules
+    can name (peft matches a target against the end of each module's path)."""
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear | nn.Conv2d):
+            parts = name.split(".")
+            names.add(".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1])  # to_out.0
+    return sorted(names)
 
 
 def has_adapter(model: nn.Module) -> bool:

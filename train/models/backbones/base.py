@@ -7,6 +7,7 @@ depends on the model's call convention, so the task, callbacks, EMA, sharding an
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -105,9 +106,23 @@ class Backbone(nn.Module):
         return set()
 
     def from_state(self, state: dict[str, torch.Tensor]) -> nn.Module:
-        """A plain copy of `model` holding `state` (gathered shards, EMA weights)."""
+        """A plain copy of `model` holding `state` (gathered shards, EMA weights); for an
+        adapter, `state` may hold the adapter alone (an adapter run's EMA): the copy keeps the
+        live model's frozen base."""
+        if self.adapter is not None and not set(state) >= set(self.model.state_dict()):
+            return self._adapter_from_state(state)
         model = type(self.model).from_config(self.model.config)
         if self.adapter is not None:
             adapters.attach(model, self.adapter)
         model.load_state_dict(state, strict=True)
+        return model
+
+    def _adapter_from_state(self, state: dict[str, torch.Tensor]) -> nn.Module:
+        model = copy.deepcopy(self.model)
+        missing = sorted(adapters.trainable_keys(model) - set(state))
+        unexpected = sorted(set(state) - set(model.state_dict()))
+        if missing or unexpected:
+            raise ValueError(f"adapter state does not fit the model: missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}")  # fmt: skip
+        model.load_state_dict(state, strict=False)
         return model
