@@ -41,6 +41,25 @@ def check_values(cfg: DictConfig) -> None:
         raise ConfigError(f"model.optimizer.lr={lr} must be positive, e.g. model.optimizer.lr=1e-4")
 
 
+def check_adapter_strategy(cfg: DictConfig) -> None:
+    """An adapter (LoRA, ...) under a strategy that shards parameters is refused: its gather,
+    EMA and checkpoint paths are not made for a model whose frozen base is sharded too (a naive
+    gather of a ZeRO-3 adapter comes out empty, peft#2500)."""
+    if OmegaConf.select(cfg, "model.backbone.adapter", default=None) is None:
+        return
+    strategy = cfg.get("strategy") or {}
+    target = str(strategy.get("_target_", "")) if isinstance(strategy, DictConfig) else ""
+    zero3 = target.endswith("DeepSpeedStrategy") and strategy.get("stage") == 3
+    fsdp = target.endswith("FSDPStrategy")
+    if zero3 or fsdp:
+        name = "FSDP" if fsdp else "DeepSpeed ZeRO-3"
+        raise ConfigError(
+            f"model.backbone.adapter is set and the strategy is {name}, which shards parameters: "
+            "adapter runs do not run sharded yet; use strategy=ddp or deepspeed_zero2 (the "
+            "adapter is small and stays whole on every rank there)"
+        )
+
+
 def resolution_problem(
     have: int,
     sample_size: int,
