@@ -59,7 +59,9 @@ def lora_run(tmp_path_factory, tiny_run, demo_shards):
     base = tiny_run[0] / "export"
     # With the adapter's EMA: every export below is of the EMA weights, not the raw ones.
     root = tmp_path_factory.mktemp("lora")
-    args = lora_overrides(root, base, demo_shards, "callbacks/ema=default", logger="mlflow")
+    # The store named, not taken from MLFLOW_TRACKING_URI (an earlier in-process run sets it).
+    store = f"logger.mlflow.tracking_uri=sqlite:///{root}/mlflow.db"
+    args = lora_overrides(root, base, demo_shards, "callbacks/ema=default", store, logger="mlflow")
     proc = run_cli(main, ["ldm-train", *args])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return Path(compose(args).paths.run_dir), base
@@ -397,3 +399,17 @@ def test_an_adapter_under_a_sharding_strategy_is_refused_before_training(
         "deepspeed_zero2" in proc.stderr  # fmt: skip
     # Refused before anything trains: the run folder holds only the log of the refusal.
     assert [p.name for p in (tmp_path / "runs" / "lora").iterdir()] == ["train.log"]
+
+
+def test_the_eval_watchers_pipeline_of_an_adapter_checkpoint_is_the_merged_export(lora_run):
+    """`ldm-eval --watch` scores an adapter checkpoint through `checkpoint_pipeline`: the base
+    from model.base with the checkpoint's EMA adapter merged, the same UNet as the export."""
+    from train.cli.export import checkpoint_pipeline, load_checkpoint
+
+    run_dir, _ = lora_run
+    pipe = checkpoint_pipeline(load_checkpoint(run_dir / "checkpoints" / "last.ckpt"))
+    got = pipe.unet.state_dict()
+    want = UNet2DConditionModel.from_pretrained(run_dir / "export", subfolder="unet").state_dict()
+    assert got.keys() == want.keys() and not adapters.has_adapter(pipe.unet)
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value, rtol=0, atol=1e-6, msg=key)
