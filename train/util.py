@@ -1,4 +1,5 @@
-"""Small helpers shared by the modules: atomic output folders, image grids, launcher rank."""
+"""Small helpers shared by the modules: atomic output folders and files, image grids, launcher
+rank."""
 
 from __future__ import annotations
 
@@ -33,6 +34,23 @@ def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
         out.rename(old)
     tmp.rename(out)
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_file(out_file: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling path to write; on success it replaces `out_file`, on error it is
+    removed, so a failed write never leaves a half-written file where a good one was."""
+    out = Path(out_file)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def image_grid(images: Sequence[Image.Image], cols: int | None = None) -> Image.Image:

@@ -186,3 +186,19 @@ def test_what_has_no_single_file_form_is_refused_naming_it(tiny_run, tmp_path) -
     assert proc.returncode != 0 and "name OUT like model.safetensors" in proc.stderr
     proc = run_cli(ldm_export, ["ldm-export", str(export), str(tmp_path / "x"), "--any-shape"])
     assert proc.returncode != 0 and "--any-shape applies to --format single-file" in proc.stderr
+
+
+def test_a_write_that_fails_midway_keeps_the_earlier_file(tmp_path) -> None:
+    """`train.util.atomic_file`, which single-file exports and reference statistics write
+    through: the new bytes replace the file only once they are all written."""
+    from train.util import atomic_file
+
+    out = tmp_path / "model.safetensors"
+    out.write_bytes(b"earlier")
+    with pytest.raises(RuntimeError, match="disk gone"), atomic_file(out) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("disk gone")
+    assert out.read_bytes() == b"earlier" and sorted(tmp_path.iterdir()) == [out]
+    with atomic_file(out) as tmp:
+        tmp.write_bytes(b"new")
+    assert out.read_bytes() == b"new" and sorted(tmp_path.iterdir()) == [out]

@@ -29,6 +29,7 @@ from train.distributed.sharding import (
     zero3_partition,
     zero3_unpartition,
 )
+from train.models.adapters import has_adapter
 
 
 class EMA(L.Callback):
@@ -140,7 +141,7 @@ def shadow_for_checkpoint(trainer: L.Trainer, pl_module, ema: EMA) -> dict:
     state = ema.full_model_state(trainer, pl_module)
     if not trainer.is_global_zero:
         return {}
-    if getattr(getattr(pl_module, "backbone", None), "adapter", None) is not None:
+    if has_adapter(pl_module.trainable):
         keep = set(trainable_names(pl_module))
         state = {k: v for k, v in state.items() if k in keep}
     return {"layout": "full", "state": state}

@@ -144,12 +144,9 @@ def export_single_file(
     from train.exports import single_file
 
     if Path(source, "model_index.json").is_file():
-        import diffusers
+        from train.cli.sample import load_pipeline
 
-        from train.cli.console import quiet_loading
-
-        quiet_loading()
-        pipe = diffusers.DiffusionPipeline.from_pretrained(source, use_safetensors=True)
+        pipe = load_pipeline(source)  # safetensors only; the sampler swap keeps prediction_type
     else:
         pipe = checkpoint_pipeline(load_checkpoint(source, allow_pickle), use_ema)
     path, arch = single_file.write(pipe, out, any_shape)

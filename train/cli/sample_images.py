@@ -88,10 +88,14 @@ def read_image(path: str, flag: str, size: int | None, mask: bool = False) -> Im
     return image.resize((size, size), Image.NEAREST if mask else Image.BICUBIC)
 
 
+def denoiser(pipe: DiffusionPipeline) -> Any:
+    """The pipeline's trained model: its UNet, or its transformer."""
+    return getattr(pipe, "unet", None) or pipe.transformer
+
+
 def model_size(pipe: DiffusionPipeline) -> int:
     """The image side the export's denoiser was configured for, in pixels."""
-    denoiser = getattr(pipe, "unet", None) or pipe.transformer
-    sample = denoiser.config.get("sample_size") or getattr(pipe, "default_sample_size", 64)
+    sample = denoiser(pipe).config.get("sample_size") or getattr(pipe, "default_sample_size", 64)
     return int(sample) * int(pipe.vae_scale_factor)
 
 
@@ -126,8 +130,8 @@ def image_pipeline(pipe: DiffusionPipeline, args: argparse.Namespace) -> tuple[A
 def apply_lora(pipe: DiffusionPipeline, path: str, scale: float, export: str) -> None:
     """Load the LoRA at `path` into the pipeline's denoiser at strength `scale`; ConfigError when
     it does not fit (another family or shape: no or mismatched keys)."""
-    denoiser = getattr(pipe, "unet", None) or pipe.transformer
-    name = type(denoiser).__name__
+    model = denoiser(pipe)
+    name = type(model).__name__
     if not hasattr(pipe, "load_lora_weights"):
         raise ConfigError(f"{type(pipe).__name__} cannot load LoRAs in diffusers; sample a "
                           "merged export instead (ldm-export --format merged)")  # fmt: skip
@@ -136,7 +140,7 @@ def apply_lora(pipe: DiffusionPipeline, path: str, scale: float, export: str) ->
     except (ValueError, RuntimeError, KeyError) as e:
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise ConfigError(f"--lora {path} does not fit {export}'s {name}: {first}") from None
-    if ADAPTER not in (getattr(denoiser, "peft_config", None) or {}):
+    if ADAPTER not in (getattr(model, "peft_config", None) or {}):
         raise ConfigError(f"--lora {path} holds no weights for {export}'s {name}: it was "
                           "trained for another model family")  # fmt: skip
     pipe.set_adapters([ADAPTER], adapter_weights=[scale])

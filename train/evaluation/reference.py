@@ -4,7 +4,6 @@ set's fingerprint and the extractor's description, refused for another set or ex
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ from data.evalset import iter_eval_samples, set_fingerprint
 from train.errors import ConfigError
 from train.evaluation.features import describe
 from train.evaluation.options import REFERENCE_FORMAT, check_same_set, reference_metadata
+from train.util import atomic_file
 
 
 def images_to_uint8(images: list) -> torch.Tensor:
@@ -50,11 +50,8 @@ def compute_reference(
     meta = {"format": REFERENCE_FORMAT, "set_sha256": sha, "set_num_samples": str(total),
             "num_samples": str(len(features)), "feature": describe(feature),
             "resolution": str(resolution), "shards": json.dumps(shards[:20])}  # fmt: skip
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    save_file({"features": features.contiguous()}, str(tmp), metadata=meta)
-    os.replace(tmp, out)  # never a half-written reference under the final name
+    with atomic_file(out_path) as tmp:  # never a half-written reference under the final name
+        save_file({"features": features.contiguous()}, str(tmp), metadata=meta)
     return meta
 
 

@@ -9,14 +9,13 @@ layout anyway (diffusers' ``from_single_file(..., config=<the export>)`` loads a
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from train.exports import ldm_layout
+from train.util import atomic_file
 
 # What the tools' fixed configs require, as diffusers config values (UNet, VAE, text encoders).
 SD_VAE = {"block_out_channels": (128, 256, 512, 512), "latent_channels": 4, "layers_per_block": 2}
@@ -151,14 +150,7 @@ def write(pipe: Any, out_file: str | Path, any_shape: bool = False) -> tuple[Pat
                          "<export>) reads")  # fmt: skip
     family = arch or layout_family(pipe)
     weights = state(pipe, family)
-    out = Path(out_file)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        save_file(weights, tmp, metadata={"format": "pt", "ldm_architecture": arch or "custom"})
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out, arch or f"custom ({family} layout)"
+    with atomic_file(out_file) as tmp:
+        save_file(weights, str(tmp), metadata={"format": "pt",
+                                               "ldm_architecture": arch or "custom"})  # fmt: skip
+    return Path(out_file), arch or f"custom ({family} layout)"
