@@ -16,6 +16,7 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from data.buckets import AspectBuckets
+from data.controls import Control
 from data.decoders import IMAGE_KEYS, ImageDecoder, LatentDecoder
 from data.loader import POSITION_KEY, StatefulLoader
 from data.metadata import CaptionPicker, MetadataFilter
@@ -95,6 +96,7 @@ class WebDatasetDataModule(L.LightningDataModule):
         sizes_file: str | None = None,
         prefetch_factor: int | None = None,
         require_caption: bool = False,
+        control: Control | None = None,
     ) -> None:
         super().__init__()
         # Resolved and counted here so a bad path fails before any model is built.
@@ -114,6 +116,11 @@ class WebDatasetDataModule(L.LightningDataModule):
         self.random_flip, self.center_crop = random_flip, center_crop
         self.val_batches, self.max_pixels = val_batches, max_pixels
         self.max_skip_fraction = max_skip_fraction
+        if control is not None and latents:
+            raise ValueError("data.control is set but data.latents=true: encoded shards hold "
+                              "no images to take a control from; train a ControlNet on image "
+                              "shards")  # fmt: skip
+        self.control = control
         # A model that reads captions though the loader does not tokenize them (conditioners
         # with several tokenizers tokenize in the step) still needs every sample captioned.
         self.require_caption = require_caption or self.tokenizer is not None or latents
@@ -141,6 +148,7 @@ class WebDatasetDataModule(L.LightningDataModule):
             max_pixels=self.max_pixels,
             # The autoencoder stage learns from images whether captioned or not.
             require_caption=self.require_caption,
+            control=self.control,
         )
 
     def _stream(self, shards: list[str], sizes: list[int], train: bool) -> ShardStream:

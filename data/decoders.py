@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from data.buckets import AspectBuckets, resize_crop
+from data.controls import Control, to_unit_tensor
 from data.metadata import CaptionPicker, MetadataFilter, field, metadata_size
 from data.transforms import ImageTooLarge, SkipCounter, decode_image, to_tensor
 
@@ -40,6 +41,13 @@ def image_size(raw: Raw, image_keys: tuple[str, ...] = IMAGE_KEYS) -> tuple[int,
                     size = None
         raw["__size__"] = size
     return raw["__size__"]
+
+
+def file_size(data: bytes) -> tuple[int, int]:
+    """(w, h) from an image member's header (the json's size may be another one's)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(io.BytesIO(data)).size
 
 
 def caption_text(raw: Raw) -> str:
@@ -73,8 +81,12 @@ class ImageDecoder:
         random_flip: bool = False,
         max_pixels: int = 178_956_970,
         require_caption: bool = True,
+        control: Control | None = None,
     ) -> None:
+        """``control``: a ControlNet's control source (data/controls.py); samples then carry
+        ``control_values`` [3, H, W] in [0, 1], cropped and flipped like the image."""
         self.resolution, self.counter = resolution, counter
+        self.control = control
         self.captions = captions or CaptionPicker()
         self.filter, self.buckets = metadata_filter, buckets
         self.image_keys = tuple(image_keys)
@@ -141,9 +153,28 @@ class ImageDecoder:
         original = header_size or image.size
         if header_size is None and bucket is None:
             target = self._target(image.size)
+        state = rng.getstate()  # the crop and flip drawn next, replayed on a control member
+        decoded_size = image.size
         image, crop = resize_crop(image, target, self.center_crop, self.random_flip, rng)
+        extra = {}
+        if self.control is not None:
+            replay = random.Random()
+
+            def crop_like(other: Image.Image) -> Image.Image:
+                if other.size != decoded_size:  # the image was decoded at a reduced scale
+                    other = other.resize(decoded_size, Image.Resampling.BICUBIC)
+                replay.setstate(state)
+                return resize_crop(other, target, self.center_crop, self.random_flip, replay)[0]
+
+            control = self.control(raw, image, file_size(raw[image_key]), crop_like)
+            if isinstance(control, str):
+                reason, _, detail = control.partition(": ")
+                self.counter.skip(reason, key, detail)
+                return None
+            extra["control_values"] = to_unit_tensor(control)
         return {
             "pixel_values": to_tensor(image),
+            **extra,
             "caption": caption,
             "key": key,
             "original_size": _size_tensor((original[1], original[0])),

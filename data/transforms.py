@@ -25,6 +25,8 @@ SKIP_REASONS: tuple[str, ...] = (
     "too_large",
     "tar_error",
     "empty_member",
+    "missing_control",  # a ControlNet's control member (data.control) is absent
+    "control_size",  # ... or not the image's size
 )
 # Samples a configured filter dropped: counted, but not bad data, so not in the skip rate.
 FILTER_REASONS: tuple[str, ...] = (

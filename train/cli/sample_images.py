@@ -1,6 +1,7 @@
 """`ldm-sample`'s image inputs: img2img (``--init-image``, ``--strength``), inpainting
-(``--mask``) and a LoRA (``--lora``, ``--lora-scale``), each through the diffusers pipeline of
-the export's family (``AutoPipelineForImage2Image`` / ``AutoPipelineForInpainting``)."""
+(``--mask``), a ControlNet's control (``--control-image``, ``--control-scale``) and a LoRA
+(``--lora``, ``--lora-scale``), each through the diffusers pipeline of the export's family
+(``AutoPipelineForImage2Image`` / ``AutoPipelineForInpainting``, the ControlNet pipelines)."""
 
 from __future__ import annotations
 
@@ -39,6 +40,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(default: the pipeline's, 0.8 for img2img, 1.0 for inpainting)")  # fmt: skip
     p.add_argument("--mask", help="inpainting: a one-channel image, white where the init image "
                    "is repainted")  # fmt: skip
+    p.add_argument("--control-image", help="a ControlNet export's control image (an edge map, "
+                   "a mask, ...; resized to the model's size)")  # fmt: skip
+    p.add_argument("--control-scale", type=float, default=None, help="the ControlNet's strength "
+                   "(default: as trained, 1.0)")  # fmt: skip
     p.add_argument("--lora", help="a LoRA folder or file (diffusers or kohya format) for the "
                    "export's denoiser")  # fmt: skip
     p.add_argument("--lora-scale", type=float, default=1.0, help="the LoRA's strength (1.0: as "
@@ -53,7 +58,11 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ConfigError("--strength applies to --init-image: give the image to start from")
     if args.lora_scale != 1.0 and not args.lora:
         raise ConfigError("--lora-scale needs --lora (the LoRA folder or file)")
-    for flag, path in (("--init-image", args.init_image), ("--mask", args.mask)):
+    if args.control_scale is not None and not args.control_image:
+        raise ConfigError("--control-scale needs --control-image (the ControlNet's control)")
+    images = (("--init-image", args.init_image), ("--mask", args.mask),
+              ("--control-image", args.control_image))  # fmt: skip
+    for flag, path in images:
         if path and not Path(path).is_file():
             raise ConfigError(f"{flag} {path} is not a file")
         if path:
@@ -102,8 +111,11 @@ def model_size(pipe: DiffusionPipeline) -> int:
 def image_pipeline(pipe: DiffusionPipeline, args: argparse.Namespace) -> tuple[Any, dict]:
     """The pipeline for the requested mode (the text-to-image one without --init-image), its
     components shared, and the call's image arguments."""
+    control = control_kwargs(pipe, args)
     if not args.init_image:
-        return pipe, {}
+        if control:  # the text-to-image ControlNet pipelines call it `image`
+            control["image"] = control.pop("control_image")
+        return pipe, control
     from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
 
     auto, mode = (
@@ -124,7 +136,24 @@ def image_pipeline(pipe: DiffusionPipeline, args: argparse.Namespace) -> tuple[A
                       height=size, width=size)  # fmt: skip
     if args.strength is not None:
         kwargs["strength"] = args.strength
-    return out, kwargs
+    return out, {**kwargs, **control}
+
+
+def control_kwargs(pipe: DiffusionPipeline, args: argparse.Namespace) -> dict[str, Any]:
+    """The ControlNet's call arguments (``control_image``, its scale); {} for an export without
+    one. ConfigError when the control image and the export do not go together."""
+    has_controlnet = getattr(pipe, "controlnet", None) is not None
+    if args.control_image and not has_controlnet:
+        raise ConfigError(f"--control-image: {type(pipe).__name__} has no ControlNet; give it "
+                          "to an export of an experiment=controlnet run")  # fmt: skip
+    if not has_controlnet:
+        return {}
+    if not args.control_image:
+        raise ConfigError(f"the export is a ControlNet pipeline ({type(pipe).__name__}): give "
+                          "its control image with --control-image IMG")  # fmt: skip
+    image = read_image(args.control_image, "--control-image", model_size(pipe))
+    scale = 1.0 if args.control_scale is None else args.control_scale
+    return {"control_image": image, "controlnet_conditioning_scale": scale}
 
 
 def apply_lora(pipe: DiffusionPipeline, path: str, scale: float, export: str) -> None:

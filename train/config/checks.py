@@ -51,13 +51,19 @@ def early_checks(
     over an earlier run's checkpoints, and the global batch against the world size. Run first,
     so the commonest mistakes fail within a second or two."""
     from train.config.batching import plan_batch
-    from train.config.fit import check_adapter_strategy, check_resolution, check_values
+    from train.config.fit import (
+        check_adapter_strategy,
+        check_controlnet,
+        check_resolution,
+        check_values,
+    )
 
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"{missing[0]} is required (???); set it, e.g. {missing[0]}=<value>")
     check_values(cfg)
     check_adapter_strategy(cfg)
+    check_controlnet(cfg)
     data = cfg.get("data") or {}
     check_data(cfg, local_paths)
     check_resolution(cfg, local_paths)

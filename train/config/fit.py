@@ -60,6 +60,24 @@ def check_adapter_strategy(cfg: DictConfig) -> None:
         )
 
 
+def check_controlnet(cfg: DictConfig) -> None:
+    """A ControlNet needs a control image from the data, and cannot be scored by the evaluation
+    callback (its prompts come without control images)."""
+    target = str(OmegaConf.select(cfg, "model.backbone._target_", default="") or "")
+    if not target.endswith("ControlNetBackbone"):
+        return
+    if OmegaConf.select(cfg, "data.control", default=None) is None:
+        raise ConfigError(
+            "model/backbone=controlnet needs a control image per sample: set data/control="
+            "member (KEY.control.png in the shards), mask or edges (conf/data/control/)"
+        )
+    if OmegaConf.select(cfg, "callbacks.eval", default=None) is not None:
+        raise ConfigError(
+            "callbacks/eval scores prompts without control images, which a ControlNet cannot "
+            "sample; drop callbacks/eval (callbacks.eval=null) and judge it by its previews"
+        )
+
+
 def resolution_problem(
     have: int,
     sample_size: int,
@@ -90,7 +108,9 @@ def check_resolution(cfg: DictConfig, local_paths: bool = True) -> None:
     x 2**(VAE levels-1), for backbones whose config has a sample size."""
     model = cfg.get("model") or {}
     have = OmegaConf.select(cfg, "data.resolution", default=None)
-    backbone = OmegaConf.select(cfg, "model.backbone.model", default=None)
+    # A ControlNet's base UNet sets the size (the ControlNet's own config has none).
+    base = OmegaConf.select(cfg, "model.backbone.base.model", default=None)
+    backbone = base or OmegaConf.select(cfg, "model.backbone.model", default=None)
     if not isinstance(have, int) or backbone is None or model.get("vae") is None:
         return
     unet = part_config(backbone, local_paths)
@@ -99,7 +119,8 @@ def check_resolution(cfg: DictConfig, local_paths: bool = True) -> None:
     if not isinstance(sample_size, int) or not blocks:
         return  # a hub id, or a part whose config does not say: the run checks it once built
     pretrained = str(backbone.get("_target_", "")).endswith(".from_pretrained")
-    problem = resolution_problem(have, sample_size, 2 ** (len(blocks) - 1), pretrained)
+    setting = f"model.backbone.{'base.' if base else ''}model.sample_size"
+    problem = resolution_problem(have, sample_size, 2 ** (len(blocks) - 1), pretrained, setting)
     if problem:
         raise ConfigError(problem)
 

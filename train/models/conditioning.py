@@ -16,14 +16,15 @@ class Conditioning:
     mask: torch.Tensor | None = None  # [B, L] 1 for real tokens (PixArt, Sana)
     # [B, 6] SDXL micro-conditioning: original size (h, w), crop top-left (y, x), target (h, w)
     sizes: torch.Tensor | None = None
+    control: torch.Tensor | None = None  # [B, 3, H, W] in [0, 1]: a ControlNet's control image
 
     def where(self, drop: torch.Tensor, null: Conditioning) -> Conditioning:
         """Rows with `drop` [B] take the null conditioning's (classifier-free guidance
-        dropout, Ho & Salimans 2022); `sizes` are the image's, never dropped."""
+        dropout, Ho & Salimans 2022); `sizes` and `control` are the image's, never dropped."""
         out = {}
         for f in fields(self):
             mine, empty = getattr(self, f.name), getattr(null, f.name)
-            if f.name == "sizes" or mine is None or empty is None:
+            if f.name in ("sizes", "control") or mine is None or empty is None:
                 out[f.name] = mine
                 continue
             d = drop.view(-1, *([1] * (mine.ndim - 1)))
@@ -32,6 +33,9 @@ class Conditioning:
 
     def with_sizes(self, sizes: torch.Tensor | None) -> Conditioning:
         return replace(self, sizes=sizes)
+
+    def with_control(self, control: torch.Tensor | None) -> Conditioning:
+        return replace(self, control=control)
 
     def to_dict(self) -> dict[str, torch.Tensor]:
         """The tensors by name (for shards of precomputed embeddings)."""

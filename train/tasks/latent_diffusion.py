@@ -55,6 +55,7 @@ class LatentDiffusion(L.LightningModule):
         self.base = base
         backbone.check(int(vae.config.latent_channels), conditioner, objective)
         check_shift_factor(backbone, vae)
+        backbone.check_scale_factor(vae_scale_factor(vae))
         self.backbone = backbone
         # The frozen parts are kept out of the module tree, so DDP, FSDP and DeepSpeed wrap,
         # shard and checkpoint only what trains, and every rank holds a whole VAE and text
@@ -101,6 +102,8 @@ class LatentDiffusion(L.LightningModule):
         device = self.trainer.strategy.root_device
         self.vae.to(device)
         self.conditioner.to(device)
+        for part in self.backbone.frozen_parts().values():
+            part.to(device)
 
     @property
     def latent_scale(self) -> float:
@@ -143,10 +146,12 @@ class LatentDiffusion(L.LightningModule):
 
     def batch_conditioning(self, batch: dict, rng: SampleRNG | None) -> Conditioning:
         """The conditioner's output with caption dropout, plus SDXL's size micro-conditioning
-        from the batch when the data provides it."""
+        and a ControlNet's control image from the batch when the data provides them."""
         drop = self.caption_drop_mask(rng) if rng is not None else None
         cond = self.conditioner.encode(batch, drop)
-        return cond.with_sizes(batch_sizes(batch, cond.hidden))
+        return cond.with_sizes(batch_sizes(batch, cond.hidden)).with_control(
+            batch.get("control_values")
+        )
 
     def diffusion_step(self, batch: dict, rng: SampleRNG) -> torch.Tensor:
         """The training loss of one micro-batch; every random draw comes from ``rng``."""
@@ -256,9 +261,13 @@ class LatentDiffusion(L.LightningModule):
         guidance_scale: float = 4.0,
         model: nn.Module | None = None,
     ) -> Image.Image:
-        """A grid of samples for `prompts` (or the batch's captions) from diffusers' pipeline."""
+        """A grid of samples for `prompts` (or the batch's captions) from diffusers' pipeline; a
+        ControlNet's with the batch's control images."""
         prompts = prompts or list(batch["caption"])[:8]
-        return pipelines.preview(self, prompts, seed, num_inference_steps, guidance_scale, model)
+        control = batch.get("control_values") if batch is not None else None
+        return pipelines.preview(
+            self, prompts, seed, num_inference_steps, guidance_scale, model, control
+        )
 
     def export(self, out_dir: str | Path, model: nn.Module | None = None) -> Path:
         """Write a diffusers-layout folder (safetensors); replaces `out_dir` atomically.

@@ -75,7 +75,8 @@ def part_spec(name: str, part: Any) -> dict:
 def describe(module: Any) -> dict:
     """The spec of a LatentDiffusion module (see the module docstring)."""
     backbone = module.backbone
-    frozen = {"vae": module.vae, **module.conditioner.pipeline_parts()}
+    frozen = {"vae": module.vae, **module.conditioner.pipeline_parts(),
+              **backbone.frozen_parts()}  # fmt: skip
     return {
         "format": FORMAT,
         "pipeline": backbone.pipeline_class,

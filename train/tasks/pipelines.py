@@ -30,6 +30,7 @@ def build(module: Any, scheduler: Any = None, model: torch.nn.Module | None = No
         backbone.component: model if model is not None else backbone.model,
         "vae": module.vae,
         **module.conditioner.pipeline_parts(),
+        **backbone.frozen_parts(),
         "scheduler": scheduler
         or scheduler_of(module.objective, module.objective.preview_scheduler),
         **backbone.pipeline_extras(),
@@ -48,12 +49,15 @@ def generate(
     guidance_scale: float,
     model: torch.nn.Module | None = None,
     output_type: str = "pil",
+    control: torch.Tensor | None = None,
 ) -> Any:
     """Images for `prompts` at the trained size (the trained model in eval mode meanwhile):
-    PIL images, or with ``output_type="pt"`` a float tensor [N, 3, H, W] in [0, 1]."""
+    PIL images, or with ``output_type="pt"`` a float tensor [N, 3, H, W] in [0, 1].
+    ``control``: a ControlNet's control images [N, 3, H, W] in [0, 1], one per prompt."""
     trained = module.trainable
     was_training = trained.training
     trained.eval()
+    images = control_images(module, control, len(prompts))
     try:
         size = module.resolution
         return build(module, model=model)(
@@ -64,11 +68,24 @@ def generate(
             output_type=output_type,
             height=size,
             width=size,
+            **images,
             **module.backbone.pipeline_call_kwargs(),
             **getattr(module.conditioner, "pipeline_call_kwargs", dict)(),
         ).images
     finally:
         trained.train(was_training)
+
+
+def control_images(module: Any, control: torch.Tensor | None, n: int) -> dict[str, Any]:
+    """The pipeline call's ``image`` argument for a ControlNet (the first `n` control images,
+    repeated when there are fewer); {} for other backbones."""
+    if module.backbone.component != "controlnet":
+        return {}
+    if control is None:
+        raise ConfigError("sampling a ControlNet needs a control image per prompt; previews "
+                          "take them from the first training batch")  # fmt: skip
+    rows = torch.arange(n) % len(control)
+    return {"image": control[rows].float().clamp(0, 1).cpu()}
 
 
 def preview(
@@ -78,10 +95,12 @@ def preview(
     steps: int,
     guidance_scale: float,
     model: torch.nn.Module | None = None,
+    control: torch.Tensor | None = None,
 ) -> Image.Image:
-    """A grid of samples for `prompts`."""
+    """A grid of samples for `prompts` (``control``: a ControlNet's control images)."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    return image_grid(generate(module, prompts, generator, steps, guidance_scale, model))
+    images = generate(module, prompts, generator, steps, guidance_scale, model, control=control)
+    return image_grid(images)
 
 
 def export(module: Any, out_dir: str | Path, model: torch.nn.Module | None = None) -> Path:

@@ -86,6 +86,14 @@ class Backbone(nn.Module):
                 f"schedulers; choose model/objective={self.sampled_by[0]}"
             )
 
+    def check_scale_factor(self, factor: int) -> None:
+        """ConfigError when the model cannot work over a VAE that downsamples `factor`x."""
+
+    def frozen_parts(self) -> dict[str, nn.Module]:
+        """Frozen pipeline components the backbone holds besides `model` (a ControlNet's base
+        UNet), by their pipeline name: exported and recorded beside the VAE."""
+        return {}
+
     def train_flops(self, batch: int, latent: tuple[int, ...], cond: Conditioning) -> int:
         """FLOPs of one training step (forward + backward) of a micro-batch."""
         from train.models.flops import train_flops
