@@ -17,9 +17,11 @@ READS_CONFIG = ("train/cli/", "train/config/", "jobs/submit.py", "train/tracking
                 "train/tracking/trial.py", "train/distributed/strategies.py")  # fmt: skip
 # What objectives may import besides the standard library and train.objectives.
 OBJECTIVE_IMPORTS = ("torch", "diffusers", "__future__")
-# The UNet adapter, the old-checkpoint upgrade, and the single-file format (SD's UNet layout).
+# The UNet adapter (and the ControlNet over a UNet), the old-checkpoint upgrade, and the
+# single-file format (SD's UNet layout).
 UNET_ADAPTER = ("train/models/backbones/unet.py", "train/tasks/legacy.py",
-                "train/exports/single_file.py")  # fmt: skip
+                "train/exports/single_file.py",
+                "train/models/backbones/controlnet.py")  # fmt: skip
 
 
 def modules() -> dict[str, Path]:
