@@ -48,6 +48,8 @@ NOT_RUN = {
     "ldm-sample outputs/runs/demo/export": "a trained export and images "
     "(tests/cli/test_sampling_images.py)",
     "ldm-sample /models/my-sd15": "a pretrained pipeline and a LoRA (tests/finetune/test_lora.py)",
+    "ldm-sample outputs/runs/controlnet/export": "a ControlNet export and a control image "
+    "(tests/finetune/test_controlnet.py)",
     "ldm-eval outputs/runs/demo-dit/export": "a trained demo_dit export (minutes of training)",
     "ldm-eval outputs/runs/demo/export --reference": "an export and a CLIP model "
     "(tests/evaluation/test_ldm_eval.py runs it on tiny ones)",
