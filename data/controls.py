@@ -9,6 +9,7 @@ pipelines feed (their control image processor does not normalise to [-1, 1]).
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 from typing import Any
 
@@ -49,6 +50,40 @@ class MemberControl:
         return crop_like(control)
 
 
+MASK_MODES = ("1", "L", "I", "I;16", "F")  # PIL's single-channel modes
+
+
+class MemberMask:
+    """An inpainting mask stored beside the image, e.g. ``KEY.mask.png`` (member ``mask.png``):
+    one channel, the image's size, white where the model learns to repaint."""
+
+    def __init__(self, member: str = "mask.png", max_pixels: int = 178_956_970) -> None:
+        self.member, self.max_pixels = member, max_pixels
+
+    def __call__(
+        self, raw: Raw, image: Image.Image, original: tuple[int, int], crop_like: CropLike
+    ) -> Image.Image | str:
+        """The mask ("L") cropped like the image, or a skip reason (``missing_mask``,
+        ``mask_size: ...``, ``decode_error: ...``)."""
+        data = raw.get(self.member)
+        if not data:
+            return "missing_mask"
+        try:
+            mask = Image.open(io.BytesIO(data))
+            if mask.size[0] * mask.size[1] > self.max_pixels:
+                return f"too_large: {self.member} is {mask.size[0]}x{mask.size[1]}"
+            mask.load()
+        except Exception as exn:  # PIL raises many types for broken files
+            return f"decode_error: {self.member}: {exn!r}"
+        if mask.mode not in MASK_MODES:
+            return (f"mask_size: {self.member} has {len(mask.getbands())} channels "
+                    f"({mask.mode}); a mask has one")  # fmt: skip
+        if mask.size != tuple(original):
+            return (f"mask_size: {self.member} is {mask.size[0]}x{mask.size[1]}, the image "
+                    f"{original[0]}x{original[1]}")  # fmt: skip
+        return crop_like(mask.convert("L"))
+
+
 def _rgb(mask: np.ndarray) -> Image.Image:
     return Image.fromarray(np.repeat(mask[..., None], 3, axis=2).astype(np.uint8) * 255)
 
@@ -85,6 +120,14 @@ class Edges:
         steps = [np.abs(centre - lum[1:-1, :-2]), np.abs(centre - lum[1:-1, 2:]),
                  np.abs(centre - lum[:-2, 1:-1]), np.abs(centre - lum[2:, 1:-1])]  # fmt: skip
         return _rgb(np.max(steps, axis=0) > self.threshold * 255)
+
+
+def to_mask_tensor(image: Image.Image) -> Any:
+    """A one-channel PIL mask to float32 [1, H, W] in {0, 1} (1 where above half-grey)."""
+    import torch
+
+    arr = np.array(image.convert("L"), dtype=np.uint8) > 127
+    return torch.from_numpy(arr).float().unsqueeze(0)
 
 
 def to_unit_tensor(image: Image.Image) -> Any:

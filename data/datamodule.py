@@ -97,6 +97,7 @@ class WebDatasetDataModule(L.LightningDataModule):
         prefetch_factor: int | None = None,
         require_caption: bool = False,
         control: Control | None = None,
+        mask: Control | None = None,
     ) -> None:
         super().__init__()
         # Resolved and counted here so a bad path fails before any model is built.
@@ -116,11 +117,12 @@ class WebDatasetDataModule(L.LightningDataModule):
         self.random_flip, self.center_crop = random_flip, center_crop
         self.val_batches, self.max_pixels = val_batches, max_pixels
         self.max_skip_fraction = max_skip_fraction
-        if control is not None and latents:
-            raise ValueError("data.control is set but data.latents=true: encoded shards hold "
-                              "no images to take a control from; train a ControlNet on image "
-                              "shards")  # fmt: skip
-        self.control = control
+        for key, value in (("control", control), ("mask", mask)):
+            if value is not None and latents:
+                raise ValueError(f"data.{key} is set but data.latents=true: encoded shards hold "
+                                 "no images; train ControlNet and inpainting models on image "
+                                 "shards")  # fmt: skip
+        self.control, self.mask = control, mask
         # A model that reads captions though the loader does not tokenize them (conditioners
         # with several tokenizers tokenize in the step) still needs every sample captioned.
         self.require_caption = require_caption or self.tokenizer is not None or latents
@@ -149,6 +151,7 @@ class WebDatasetDataModule(L.LightningDataModule):
             # The autoencoder stage learns from images whether captioned or not.
             require_caption=self.require_caption,
             control=self.control,
+            mask=self.mask,
         )
 
     def _stream(self, shards: list[str], sizes: list[int], train: bool) -> ShardStream:

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from data.buckets import AspectBuckets, resize_crop
-from data.controls import Control, to_unit_tensor
+from data.controls import Control, to_mask_tensor, to_unit_tensor
 from data.metadata import CaptionPicker, MetadataFilter, field, metadata_size
 from data.transforms import ImageTooLarge, SkipCounter, decode_image, to_tensor
 
@@ -82,11 +82,13 @@ class ImageDecoder:
         max_pixels: int = 178_956_970,
         require_caption: bool = True,
         control: Control | None = None,
+        mask: Control | None = None,
     ) -> None:
         """``control``: a ControlNet's control source (data/controls.py); samples then carry
-        ``control_values`` [3, H, W] in [0, 1], cropped and flipped like the image."""
+        ``control_values`` [3, H, W] in [0, 1], cropped and flipped like the image. ``mask``:
+        an inpainting mask source; samples then carry ``mask`` [1, H, W] in {0, 1}."""
         self.resolution, self.counter = resolution, counter
-        self.control = control
+        self.control, self.mask = control, mask
         self.captions = captions or CaptionPicker()
         self.filter, self.buckets = metadata_filter, buckets
         self.image_keys = tuple(image_keys)
@@ -126,6 +128,36 @@ class ImageDecoder:
             caption = ""
         return image_key, caption
 
+    def _aligned(
+        self, raw: Raw, image_key: str, image: Image.Image, crop: tuple
+    ) -> dict[str, Any] | None:
+        """The control image and mask (those configured), cropped and flipped like the image;
+        None when one is bad (counted). ``crop``: (the rng state the image's crop was drawn
+        from, the decoded size, the target size)."""
+        state, decoded_size, target = crop
+        sources = [(name, source, convert) for name, source, convert in (
+            ("control_values", self.control, to_unit_tensor), ("mask", self.mask, to_mask_tensor),
+        ) if source is not None]  # fmt: skip
+        if not sources:
+            return {}
+        replay = random.Random()
+
+        def crop_like(other: Image.Image) -> Image.Image:
+            if other.size != decoded_size:  # the image was decoded at a reduced scale
+                other = other.resize(decoded_size, Image.Resampling.BICUBIC)
+            replay.setstate(state)
+            return resize_crop(other, target, self.center_crop, self.random_flip, replay)[0]
+
+        size, out = file_size(raw[image_key]), {}
+        for name, source, convert in sources:
+            got = source(raw, image, size, crop_like)
+            if isinstance(got, str):
+                reason, _, detail = got.partition(": ")
+                self.counter.skip(reason, str(raw.get("__key__", "?")), detail)
+                return None
+            out[name] = convert(got)
+        return out
+
     def __call__(
         self, raw: Raw, rng: random.Random, bucket: int | None = None
     ) -> dict[str, Any] | None:
@@ -156,22 +188,9 @@ class ImageDecoder:
         state = rng.getstate()  # the crop and flip drawn next, replayed on a control member
         decoded_size = image.size
         image, crop = resize_crop(image, target, self.center_crop, self.random_flip, rng)
-        extra = {}
-        if self.control is not None:
-            replay = random.Random()
-
-            def crop_like(other: Image.Image) -> Image.Image:
-                if other.size != decoded_size:  # the image was decoded at a reduced scale
-                    other = other.resize(decoded_size, Image.Resampling.BICUBIC)
-                replay.setstate(state)
-                return resize_crop(other, target, self.center_crop, self.random_flip, replay)[0]
-
-            control = self.control(raw, image, file_size(raw[image_key]), crop_like)
-            if isinstance(control, str):
-                reason, _, detail = control.partition(": ")
-                self.counter.skip(reason, key, detail)
-                return None
-            extra["control_values"] = to_unit_tensor(control)
+        extra = self._aligned(raw, image_key, image, (state, decoded_size, target))
+        if extra is None:
+            return None
         return {
             "pixel_values": to_tensor(image),
             **extra,

@@ -27,6 +27,8 @@ SKIP_REASONS: tuple[str, ...] = (
     "empty_member",
     "missing_control",  # a ControlNet's control member (data.control) is absent
     "control_size",  # ... or not the image's size
+    "missing_mask",  # an inpainting mask member (data.mask) is absent
+    "mask_size",  # ... or not one channel of the image's size
 )
 # Samples a configured filter dropped: counted, but not bad data, so not in the skip rate.
 FILTER_REASONS: tuple[str, ...] = (

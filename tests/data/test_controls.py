@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from data.controls import Edges, ForegroundMask, MemberControl
+from data.controls import Edges, ForegroundMask, MemberControl, MemberMask
 from data.decoders import ImageDecoder
 from data.transforms import SkipCounter
 
@@ -93,3 +93,23 @@ def test_a_control_on_encoded_shards_is_refused(tmp_path) -> None:
     with pytest.raises(ValueError, match="data.control is set but data.latents=true"):
         WebDatasetDataModule(urls=str(tmp_path), latents=True, control=ForegroundMask(),
                              sizes_cache=str(tmp_path / "sizes.json"))  # fmt: skip
+
+
+def test_a_mask_member_is_cropped_like_the_image_and_must_have_one_channel() -> None:
+    image = noise_image(40, 24)
+    grey = image.convert("L")
+    raw = {"__key__": "k", "png": png(image), "mask.png": png(grey), "txt": "a"}
+    counter = SkipCounter(1.0, "test")
+    dec = ImageDecoder(16, counter, center_crop=False, random_flip=True, mask=MemberMask())
+    for seed in range(6):
+        out = dec(dict(raw), random.Random(seed))
+        assert out["mask"].shape == (1, 16, 16) and set(out["mask"].unique().tolist()) <= {0, 1}
+        # The mask is the image's own luminance, thresholded: the same crop and flip.
+        luma = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
+        lum = ((out["pixel_values"] + 1) / 2 * luma).sum(0)
+        agree = ((lum > 0.5) == (out["mask"][0] > 0.5)).float().mean()
+        assert agree > 0.97, (seed, agree)
+    rgb = dict(raw, **{"mask.png": png(image)})
+    assert dec(rgb, random.Random(0)) is None
+    assert dec({"__key__": "m", "png": png(image), "txt": "a"}, random.Random(0)) is None
+    assert counter.totals["mask_size"] == 1 and counter.totals["missing_mask"] == 1

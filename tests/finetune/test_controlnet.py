@@ -155,7 +155,7 @@ def test_a_controlnet_without_control_images_is_refused_before_building(tiny_run
     with pytest.raises(ConfigError, match="data/control=member"):
         early_checks(cfg, run_dir=False)
     cfg = compose([*args[:-1], "callbacks/eval=clip", f"callbacks.eval.reference={tmp_path}"])
-    with pytest.raises(ConfigError, match="callbacks/eval scores prompts without control"):
+    with pytest.raises(ConfigError, match="callbacks/eval scores prompts without images"):
         early_checks(cfg, run_dir=False)
 
 

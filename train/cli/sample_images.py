@@ -112,6 +112,11 @@ def image_pipeline(pipe: DiffusionPipeline, args: argparse.Namespace) -> tuple[A
     """The pipeline for the requested mode (the text-to-image one without --init-image), its
     components shared, and the call's image arguments."""
     control = control_kwargs(pipe, args)
+    if type(pipe).__name__.endswith("InpaintPipeline") and not (args.init_image and args.mask):
+        raise ConfigError(
+            f"the export is an inpainting pipeline ({type(pipe).__name__}): give the image and "
+            "what to repaint, --init-image IMG --mask MASK"
+        )
     if not args.init_image:
         if control:  # the text-to-image ControlNet pipelines call it `image`
             control["image"] = control.pop("control_image")

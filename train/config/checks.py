@@ -53,7 +53,7 @@ def early_checks(
     from train.config.batching import plan_batch
     from train.config.fit import (
         check_adapter_strategy,
-        check_controlnet,
+        check_image_inputs,
         check_resolution,
         check_values,
     )
@@ -63,7 +63,7 @@ def early_checks(
         raise ConfigError(f"{missing[0]} is required (???); set it, e.g. {missing[0]}=<value>")
     check_values(cfg)
     check_adapter_strategy(cfg)
-    check_controlnet(cfg)
+    check_image_inputs(cfg)
     data = cfg.get("data") or {}
     check_data(cfg, local_paths)
     check_resolution(cfg, local_paths)

@@ -60,21 +60,30 @@ def check_adapter_strategy(cfg: DictConfig) -> None:
         )
 
 
-def check_controlnet(cfg: DictConfig) -> None:
-    """A ControlNet needs a control image from the data, and cannot be scored by the evaluation
-    callback (its prompts come without control images)."""
+def check_image_inputs(cfg: DictConfig) -> None:
+    """A ControlNet needs a control image from the data; it and an inpainting model sample from
+    images, so neither can be scored by the evaluation callback (its prompts come alone) or
+    trained on encoded shards (which hold no images)."""
     target = str(OmegaConf.select(cfg, "model.backbone._target_", default="") or "")
-    if not target.endswith("ControlNetBackbone"):
+    kind = {"ControlNetBackbone": "controlnet", "InpaintUNetBackbone": "inpaint"}.get(
+        target.rsplit(".", 1)[-1]
+    )
+    if kind is None:
         return
-    if OmegaConf.select(cfg, "data.control", default=None) is None:
+    if kind == "controlnet" and OmegaConf.select(cfg, "data.control", default=None) is None:
         raise ConfigError(
             "model/backbone=controlnet needs a control image per sample: set data/control="
             "member (KEY.control.png in the shards), mask or edges (conf/data/control/)"
         )
     if OmegaConf.select(cfg, "callbacks.eval", default=None) is not None:
         raise ConfigError(
-            "callbacks/eval scores prompts without control images, which a ControlNet cannot "
-            "sample; drop callbacks/eval (callbacks.eval=null) and judge it by its previews"
+            f"callbacks/eval scores prompts without images, which a model/backbone={kind} cannot"
+            " sample from; drop callbacks/eval (callbacks.eval=null) and judge it by its previews"
+        )
+    if OmegaConf.select(cfg, "data.latents", default=False):
+        raise ConfigError(
+            f"data.latents=true: encoded shards hold no images, which model/backbone={kind} "
+            "trains from; use the image shards (data.latents=false)"
         )
 
 

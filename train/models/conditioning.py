@@ -6,6 +6,8 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
+IMAGE_FIELDS = ("sizes", "control", "inpaint")  # from the image: kept under caption dropout
+
 
 @dataclass(frozen=True)
 class Conditioning:
@@ -17,14 +19,16 @@ class Conditioning:
     # [B, 6] SDXL micro-conditioning: original size (h, w), crop top-left (y, x), target (h, w)
     sizes: torch.Tensor | None = None
     control: torch.Tensor | None = None  # [B, 3, H, W] in [0, 1]: a ControlNet's control image
+    # [B, 1 + C, h, w] an inpainting UNet's extra inputs: the mask and the masked image's latents
+    inpaint: torch.Tensor | None = None
 
     def where(self, drop: torch.Tensor, null: Conditioning) -> Conditioning:
         """Rows with `drop` [B] take the null conditioning's (classifier-free guidance
-        dropout, Ho & Salimans 2022); `sizes` and `control` are the image's, never dropped."""
+        dropout, Ho & Salimans 2022); the IMAGE_FIELDS are the image's, never dropped."""
         out = {}
         for f in fields(self):
             mine, empty = getattr(self, f.name), getattr(null, f.name)
-            if f.name in ("sizes", "control") or mine is None or empty is None:
+            if f.name in IMAGE_FIELDS or mine is None or empty is None:
                 out[f.name] = mine
                 continue
             d = drop.view(-1, *([1] * (mine.ndim - 1)))
@@ -36,6 +40,9 @@ class Conditioning:
 
     def with_control(self, control: torch.Tensor | None) -> Conditioning:
         return replace(self, control=control)
+
+    def with_inpaint(self, inpaint: torch.Tensor | None) -> Conditioning:
+        return replace(self, inpaint=inpaint)
 
     def to_dict(self) -> dict[str, torch.Tensor]:
         """The tensors by name (for shards of precomputed embeddings)."""

@@ -23,8 +23,8 @@ from train.models import adapters
 from train.models.backbones.base import Backbone
 from train.models.conditioning import Conditioning
 from train.models.parts import FrozenParts, vae_scale_factor
-from train.objectives.base import per_sample_mse, stratified_levels, weighted_mse
-from train.tasks import pipelines
+from train.objectives.base import per_sample_mse, stratified_levels
+from train.tasks import inpainting, pipelines
 from train.tasks.optim import OptimizerFactory, SchedulerFactory, optimizer_config
 from train.tasks.rng import SampleRNG, row_offset
 from train.tasks.validation import FixedLevelLoss, rows_of_rank, sample_ids, select_rows
@@ -158,9 +158,17 @@ class LatentDiffusion(L.LightningModule):
         x0 = self.batch_latents(batch, rng)
         cond = self.batch_conditioning(batch, rng)
         noised = self.objective.draw(x0, rng)
+        cond = self.with_inpaint_inputs(batch, cond, rng)
         self._count_flops(x0, cond)
         prediction = self.backbone(noised.x_t.to(self.dtype), noised.timesteps, cond)
-        return weighted_mse(prediction, noised.target, noised.weights)
+        return self.backbone.loss(prediction, noised, cond)
+
+    def with_inpaint_inputs(self, batch: dict, cond: Conditioning, rng: SampleRNG) -> Conditioning:
+        """`cond` with an inpainting backbone's mask and masked-image latents (drawn after the
+        noise, so the other draws are those of a text-to-image run); `cond` for the others."""
+        if not self.backbone.inpainting:
+            return cond
+        return cond.with_inpaint(inpainting.inputs(self, batch, rng))
 
     def _count_flops(self, x0: torch.Tensor, cond: Conditioning) -> None:
         # Lightning's ThroughputMonitor reads `flops_per_batch` for its MFU metric.
@@ -210,6 +218,7 @@ class LatentDiffusion(L.LightningModule):
         levels = stratified_levels(ids, self._val.bins)
         noise = rng.randn(tuple(x0.shape[1:]), x0.dtype)
         noised = self.objective.at_levels(x0, noise, levels)
+        cond = self.with_inpaint_inputs(sub, cond, rng)
         prediction = self.backbone(noised.x_t.to(self.dtype), noised.timesteps, cond)
         if counted:
             self._val.add(per_sample_mse(prediction, noised.target), ids)
@@ -262,11 +271,10 @@ class LatentDiffusion(L.LightningModule):
         model: nn.Module | None = None,
     ) -> Image.Image:
         """A grid of samples for `prompts` (or the batch's captions) from diffusers' pipeline; a
-        ControlNet's with the batch's control images."""
+        ControlNet's with the batch's control images, an inpainting model's on its images."""
         prompts = prompts or list(batch["caption"])[:8]
-        control = batch.get("control_values") if batch is not None else None
         return pipelines.preview(
-            self, prompts, seed, num_inference_steps, guidance_scale, model, control
+            self, prompts, seed, num_inference_steps, guidance_scale, model, batch
         )
 
     def export(self, out_dir: str | Path, model: nn.Module | None = None) -> Path:

@@ -49,15 +49,15 @@ def generate(
     guidance_scale: float,
     model: torch.nn.Module | None = None,
     output_type: str = "pil",
-    control: torch.Tensor | None = None,
+    batch: dict | None = None,
 ) -> Any:
     """Images for `prompts` at the trained size (the trained model in eval mode meanwhile):
-    PIL images, or with ``output_type="pt"`` a float tensor [N, 3, H, W] in [0, 1].
-    ``control``: a ControlNet's control images [N, 3, H, W] in [0, 1], one per prompt."""
+    PIL images, or with ``output_type="pt"`` a float tensor [N, 3, H, W] in [0, 1]. ``batch``:
+    a training batch, for the image inputs a backbone samples from (ControlNet, inpainting)."""
     trained = module.trainable
     was_training = trained.training
     trained.eval()
-    images = control_images(module, control, len(prompts))
+    images = module.backbone.sample_inputs(batch, len(prompts))
     try:
         size = module.resolution
         return build(module, model=model)(
@@ -76,18 +76,6 @@ def generate(
         trained.train(was_training)
 
 
-def control_images(module: Any, control: torch.Tensor | None, n: int) -> dict[str, Any]:
-    """The pipeline call's ``image`` argument for a ControlNet (the first `n` control images,
-    repeated when there are fewer); {} for other backbones."""
-    if module.backbone.component != "controlnet":
-        return {}
-    if control is None:
-        raise ConfigError("sampling a ControlNet needs a control image per prompt; previews "
-                          "take them from the first training batch")  # fmt: skip
-    rows = torch.arange(n) % len(control)
-    return {"image": control[rows].float().clamp(0, 1).cpu()}
-
-
 def preview(
     module: Any,
     prompts: list[str],
@@ -95,11 +83,11 @@ def preview(
     steps: int,
     guidance_scale: float,
     model: torch.nn.Module | None = None,
-    control: torch.Tensor | None = None,
+    batch: dict | None = None,
 ) -> Image.Image:
-    """A grid of samples for `prompts` (``control``: a ControlNet's control images)."""
+    """A grid of samples for `prompts` (``batch``: the image inputs' source, see generate)."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    images = generate(module, prompts, generator, steps, guidance_scale, model, control=control)
+    images = generate(module, prompts, generator, steps, guidance_scale, model, batch=batch)
     return image_grid(images)
 
 

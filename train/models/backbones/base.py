@@ -16,6 +16,7 @@ from torch import nn
 from train.errors import ConfigError
 from train.models import adapters
 from train.models.conditioning import Conditioning
+from train.objectives.base import Noised, weighted_mse
 
 
 class Backbone(nn.Module):
@@ -31,6 +32,8 @@ class Backbone(nn.Module):
     # Whether the pipeline decodes `latents / scaling_factor + shift_factor` (SD3, Flux): the
     # VAE config must then set shift_factor, and training subtracts it (as their scripts do).
     needs_shift_factor = False
+    # Whether the model reads a mask and the masked image's latents (`cond.inpaint`).
+    inpainting = False
 
     def __init__(
         self, model: nn.Module, gradient_checkpointing: bool = False, adapter: Any = None
@@ -85,6 +88,15 @@ class Backbone(nn.Module):
                 f"{self.pipeline_class} samples only with {' or '.join(self.sampled_by)} "
                 f"schedulers; choose model/objective={self.sampled_by[0]}"
             )
+
+    def loss(self, prediction: torch.Tensor, noised: Noised, cond: Conditioning) -> torch.Tensor:
+        """The training loss of a micro-batch (the objective's weighted MSE)."""
+        return weighted_mse(prediction, noised.target, noised.weights)
+
+    def sample_inputs(self, batch: dict | None, n: int) -> dict[str, Any]:
+        """Image arguments of the pipeline call for `n` previews from a training batch (a
+        ControlNet's control images, an inpainting model's images and masks); {} for none."""
+        return {}
 
     def check_scale_factor(self, factor: int) -> None:
         """ConfigError when the model cannot work over a VAE that downsamples `factor`x."""

@@ -137,6 +137,15 @@ class ControlNetBackbone(Backbone):
     def pipeline_extras(self) -> dict[str, Any]:
         return self.base.pipeline_extras()
 
+    def sample_inputs(self, batch: dict | None, n: int) -> dict[str, Any]:
+        """The batch's first `n` control images (repeated when it has fewer)."""
+        if batch is None or "control_values" not in batch:
+            raise ConfigError("sampling a ControlNet needs a control image per prompt; previews "
+                              "take them from the first training batch")  # fmt: skip
+        control = batch["control_values"]
+        rows = torch.arange(n) % len(control)
+        return {"image": control[rows].float().clamp(0, 1).cpu()}
+
     def pipeline_call_kwargs(self) -> dict[str, Any]:
         return {"controlnet_conditioning_scale": self.conditioning_scale}
 
