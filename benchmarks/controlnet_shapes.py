@@ -47,7 +47,8 @@ def train(args: argparse.Namespace) -> tuple[Path, float]:
     overrides = [
         "experiment=controlnet", f"model.base={args.base}", f"data.urls={args.shards}",
         "data/control=mask", "data.resolution=32", "data.batch_size=16", "logger=none",
-        f"paths.root={args.out}", f"trainer.max_steps={args.steps}", f"model.optimizer.lr={args.lr}",
+        f"paths.root={args.out}", f"trainer.max_steps={args.steps}",
+        f"model.optimizer.lr={args.lr}",
         f"model.backbone.conditioning_embedding_out_channels={embedder_channels(args.base)}",
         "callbacks.samples.every_n_steps=0", "trainer.val_check_interval=100000",
     ]  # fmt: skip
