@@ -16,25 +16,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from machine import cpu_model  # benchmarks/machine.py, beside this script
 
 from data.controls import ForegroundMask
 from data.shapes import POSITIONS, ShapeSpec, heldout_specs, render, score_many
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(ln.split(":", 1)[1].strip() for ln in out.splitlines()
-                    if ln.startswith("Model name"))  # fmt: skip
-    except (OSError, StopIteration):
-        return platform.processor()
 
 
 def embedder_channels(base: Path) -> str:

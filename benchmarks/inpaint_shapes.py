@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import cpu_model  # benchmarks/machine.py, beside this script
 from PIL import Image
 
 from data.shapes import (
@@ -44,12 +45,6 @@ from data.shapes import (
 )
 
 SIZE = 32
-
-
-def cpu_model() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return next((ln.split(":", 1)[1].strip() for ln in out.splitlines()
-                 if ln.startswith("Model name")), "unknown")  # fmt: skip
 
 
 def second_shape(spec: ShapeSpec, rng: np.random.Generator) -> ShapeSpec:

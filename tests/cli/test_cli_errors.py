@@ -77,7 +77,7 @@ CASES = [
      "VAE downsampling 4); set data.resolution=32 or model.backbone.model.sample_size=4"),
     ("ldm-train", ["experiment=tiny", "data.urls=ROOT/nocap"], "data.caption_fields=txt"),
     ("ldm-train", ["experiment=tiny", "trainer.max_stepz=3"], "+trainer.max_stepz=3"),
-    ("ldm-train", ["experiment=nope"], "Available options in 'experiment': demo"),
+    ("ldm-train", ["experiment=nope"], "Available options in 'experiment': controlnet, demo"),
     ("ldm-data", ["from-folder", "ROOT/images", "ROOT/out"], "has a NAME.txt caption"),
     ("ldm-data", ["encode", "ROOT/enc", "experiment=tiny", "data.urls=ROOT/nocap"],
      "data.urls='ROOT/nocap': none of the first 4 samples"),

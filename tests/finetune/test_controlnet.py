@@ -16,6 +16,7 @@ from diffusers import (
     StableDiffusionControlNetPipeline,
     UNet2DConditionModel,
 )
+from finetune_runs import finetune_overrides
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -31,29 +32,12 @@ PROMPT = "a red circle at the top left on a white background"
 
 
 def controlnet_overrides(root: Path, base: Path, shards: Path, *extra: str) -> list[str]:
-    return [
-        f"paths.root={root}",
-        "experiment=controlnet",
-        f"model.base={base}",
-        f"data.urls={shards}",
+    return finetune_overrides(
+        "controlnet", root, base, shards,
         "data/control=mask",  # the shapes' silhouettes, computed from each image
-        "logger=none",
-        "data.resolution=16",
-        "data.batch_size=4",
-        "data.num_workers=0",
-        "data.shuffle_buffer=16",
-        "trainer.max_steps=4",
-        "trainer.val_check_interval=1000",
-        "trainer.enable_progress_bar=false",
         "model.backbone.conditioning_embedding_out_channels=[8,16]",  # the tiny VAE's 2x
-        "model.optimizer.lr=1e-2",  # big steps: the zero-initialised outputs move off zero
-        "model.lr_scheduler.num_warmup_steps=0",
-        "callbacks.checkpoint.every_n_train_steps=2",
-        "callbacks.samples.every_n_steps=0",
-        "callbacks.samples.num_inference_steps=2",
-        "callbacks.progress=null",
         *extra,
-    ]
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import pytest
 import torch
 from cli_runner import run_cli
 from diffusers import StableDiffusionInpaintPipeline, UNet2DConditionModel
+from finetune_runs import finetune_overrides
 from PIL import Image
 
 from train.cli.export import module_from_checkpoint
@@ -31,16 +32,8 @@ def inpaint_run(tmp_path_factory, tiny_run, demo_shards):
     from train.cli.train import main
 
     base = tiny_run[0] / "export"
-    args = [
-        f"paths.root={tmp_path_factory.mktemp('inpaint')}", "experiment=inpaint",
-        f"model.base={base}", f"data.urls={demo_shards}", "logger=none", "data.resolution=16",
-        "data.batch_size=4", "data.num_workers=0", "data.shuffle_buffer=16",
-        "trainer.max_steps=4", "trainer.val_check_interval=1000",
-        "trainer.enable_progress_bar=false", "model.backbone.masked_loss=true",
-        "model.optimizer.lr=1e-2", "model.lr_scheduler.num_warmup_steps=0",
-        "callbacks.checkpoint.every_n_train_steps=2", "callbacks.samples.every_n_steps=0",
-        "callbacks.samples.num_inference_steps=2", "callbacks.progress=null",
-    ]  # fmt: skip
+    root = tmp_path_factory.mktemp("inpaint")
+    args = finetune_overrides("inpaint", root, base, demo_shards, "model.backbone.masked_loss=true")
     proc = run_cli(main, ["ldm-train", *args])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return Path(compose(args).paths.run_dir), base

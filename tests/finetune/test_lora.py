@@ -12,6 +12,7 @@ import pytest
 import torch
 from cli_runner import run_cli
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from finetune_runs import finetune_overrides
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -27,29 +28,8 @@ RANK, ALPHA = 4, 8  # alpha != rank: a reload that loses alpha comes back at hal
 def lora_overrides(
     root: Path, base: Path, shards: Path, *extra: str, logger: str = "none"
 ) -> list[str]:
-    return [
-        f"paths.root={root}",
-        "experiment=lora",
-        f"model.base={base}",
-        f"data.urls={shards}",
-        f"logger={logger}",
-        "data.resolution=16",
-        "data.batch_size=4",
-        "data.num_workers=0",
-        "data.shuffle_buffer=16",
-        "trainer.max_steps=4",
-        "trainer.val_check_interval=1000",
-        "trainer.enable_progress_bar=false",
-        f"model.backbone.adapter.r={RANK}",
-        f"model.backbone.adapter.lora_alpha={ALPHA}",
-        "model.optimizer.lr=1e-2",  # big steps: the trained B matrices are far from zero
-        "model.lr_scheduler.num_warmup_steps=0",
-        "callbacks.checkpoint.every_n_train_steps=2",
-        "callbacks.samples.every_n_steps=0",
-        "callbacks.samples.num_inference_steps=2",
-        "callbacks.progress=null",
-        *extra,
-    ]
+    rank = (f"model.backbone.adapter.r={RANK}", f"model.backbone.adapter.lora_alpha={ALPHA}")
+    return finetune_overrides("lora", root, base, shards, *rank, *extra, logger=logger)
 
 
 @pytest.fixture(scope="module")
