@@ -16,7 +16,7 @@ from torch import nn
 
 from train.errors import ConfigError
 from train.models.backbones.base import Backbone
-from train.models.backbones.unet import UNetBackbone
+from train.models.backbones.unet import UNetBackbone, added_cond_kwargs
 from train.models.conditioning import Conditioning
 
 
@@ -99,7 +99,7 @@ class ControlNetBackbone(Backbone):
             t,
             encoder_hidden_states=cond.hidden,
             controlnet_cond=cond.control,
-            added_cond_kwargs=added_kwargs(model, cond),
+            added_cond_kwargs=added_cond_kwargs(model, cond),
             return_dict=False,
         )
         return torch.cat([r.flatten(1) for r in (*down, mid)], dim=1)
@@ -153,13 +153,6 @@ class ControlNetBackbone(Backbone):
         return self.base.wrap_units()
 
 
-def added_kwargs(model: nn.Module, cond: Conditioning) -> dict[str, torch.Tensor] | None:
-    """SDXL's pooled text and size embeddings, for models whose config adds them."""
-    if model.config.addition_embed_type == "text_time":
-        return {"text_embeds": cond.pooled, "time_ids": cond.sizes}
-    return None
-
-
 def controlled_prediction(
     controlnet: nn.Module,
     unet: nn.Module,
@@ -176,14 +169,15 @@ def controlled_prediction(
             "data/control=member for KEY.control.png)"
         )
     control = cond.control.to(x_t.dtype)
+    added = added_cond_kwargs(unet, cond)
     down, mid = controlnet(x_t, t, encoder_hidden_states=cond.hidden, controlnet_cond=control,
-                           conditioning_scale=scale, added_cond_kwargs=added_kwargs(unet, cond),
+                           conditioning_scale=scale, added_cond_kwargs=added,
                            return_dict=False)  # fmt: skip
     return unet(
         x_t,
         t,
         encoder_hidden_states=cond.hidden,
-        added_cond_kwargs=added_kwargs(unet, cond),
+        added_cond_kwargs=added,
         down_block_additional_residuals=[r.to(x_t.dtype) for r in down],
         mid_block_additional_residual=mid.to(x_t.dtype),
     ).sample

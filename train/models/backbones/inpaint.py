@@ -18,7 +18,7 @@ from torch import nn
 from train.errors import ConfigError
 from train.models.backbones.unet import UNetBackbone
 from train.models.conditioning import Conditioning
-from train.objectives.base import Noised, weighted_mse
+from train.objectives.base import Noised
 from train.objectives.masks import RandomMasks, masked_mse
 
 
@@ -84,8 +84,8 @@ class InpaintUNetBackbone(UNetBackbone):
 
     def loss(self, prediction: torch.Tensor, noised: Noised, cond: Conditioning) -> torch.Tensor:
         if not self.masked_loss:
-            return weighted_mse(prediction, noised.target, noised.weights)
-        mask = cond.inpaint[:, :1]
+            return super().loss(prediction, noised, cond)
+        mask = cond.inpaint[:, :1]  # the mask at the latents' size
         return masked_mse(prediction, noised.target, mask, noised.weights)
 
     def sample_inputs(self, batch: dict | None, n: int) -> dict[str, Any]:

@@ -13,6 +13,14 @@ from train.models.backbones.base import Backbone
 from train.models.conditioning import Conditioning
 
 
+def added_cond_kwargs(model: nn.Module, cond: Conditioning) -> dict[str, torch.Tensor] | None:
+    """SDXL's pooled text and size embeddings for a model (UNet or ControlNet) whose config adds
+    them (`addition_embed_type: text_time`); None for SD 1.x/2.x."""
+    if model.config.addition_embed_type == "text_time":
+        return {"text_embeds": cond.pooled, "time_ids": cond.sizes}
+    return None
+
+
 class UNetBackbone(Backbone):
     """A diffusers `UNet2DConditionModel`; SDXL-style when its config adds text-time embeds."""
 
@@ -33,9 +41,7 @@ class UNetBackbone(Backbone):
 
     @staticmethod
     def predict(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning):
-        added = None
-        if model.config.addition_embed_type == "text_time":
-            added = {"text_embeds": cond.pooled, "time_ids": cond.sizes}
+        added = added_cond_kwargs(model, cond)
         return model(x_t, t, encoder_hidden_states=cond.hidden, added_cond_kwargs=added).sample
 
     def check(self, latent_channels: int, conditioner: Any, objective: Any) -> None:
