@@ -31,12 +31,14 @@ from train.models.conditioning import Conditioning
 PROMPT = "a red circle at the top left on a white background"
 
 
-def controlnet_overrides(root: Path, base: Path, shards: Path, *extra: str) -> list[str]:
+def controlnet_overrides(
+    root: Path, base: Path, shards: Path, *extra: str, logger: str = "none"
+) -> list[str]:
     return finetune_overrides(
         "controlnet", root, base, shards,
         "data/control=mask",  # the shapes' silhouettes, computed from each image
         "model.backbone.conditioning_embedding_out_channels=[8,16]",  # the tiny VAE's 2x
-        *extra,
+        *extra, logger=logger,
     )  # fmt: skip
 
 
@@ -45,7 +47,9 @@ def controlnet_run(tmp_path_factory, tiny_run, demo_shards):
     from train.cli.train import main
 
     base = tiny_run[0] / "export"
-    args = controlnet_overrides(tmp_path_factory.mktemp("controlnet"), base, demo_shards)
+    root = tmp_path_factory.mktemp("controlnet")
+    store = f"logger.mlflow.tracking_uri=sqlite:///{root}/mlflow.db"
+    args = controlnet_overrides(root, base, demo_shards, store, logger="mlflow")
     proc = run_cli(main, ["ldm-train", *args])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return Path(compose(args).paths.run_dir), base
@@ -77,6 +81,22 @@ def test_checkpoint_holds_only_the_controlnet_and_names_its_base(controlnet_run)
     assert len(keys) == len(exported.state_dict())
     # The frozen UNet is not in the checkpoint: the spec records where it loads from.
     assert ckpt["ldm_parts"]["frozen"]["unet"]["pretrained"] == str(base)
+
+
+def test_mlflow_records_the_base_on_the_run_and_the_registered_version(controlnet_run) -> None:
+    from mlflow import MlflowClient
+
+    from train.tracking.lineage import base_sha256
+
+    run_dir, base = controlnet_run
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir.parents[1]}/mlflow.db")
+    run = client.get_run((run_dir / "mlflow_run_id").read_text().strip())
+    digest = base_sha256.__wrapped__(str(base))
+    assert run.data.tags["base_model"] == str(base) and len(digest) == 64
+    assert run.data.tags["base_model.sha256"] == digest
+    assert "adapter.type" not in run.data.tags  # no adapter: the ControlNet is a whole model
+    (version,) = client.search_model_versions(f"run_id = '{run.info.run_id}'")
+    assert version.tags["base_model.sha256"] == digest and version.tags["format"] == "diffusers"
 
 
 def test_export_loads_in_diffusers_and_predicts_like_the_trained_module(controlnet_run) -> None:

@@ -209,7 +209,7 @@ def test_bad_settings_fail_before_training(compose, demo_shards, overrides, name
     with pytest.raises(ConfigError, match=re.escape(named)) as caught:
         run(cfg)
     if "objective" in overrides[0]:
-        assert "model/objective=flow_pixart" in str(caught.value)
+        assert "model/objective=flow_dpm" in str(caught.value)
     assert not (Path(cfg.paths.run_dir) / "checkpoints").exists()
 
 

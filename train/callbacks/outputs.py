@@ -17,7 +17,7 @@ from train.callbacks.preemption import preempted
 from train.distributed.sharding import full_state_dict, is_sharded
 from train.errors import ConfigError
 from train.tasks import pipelines
-from train.tracking.lineage import adapter_tags
+from train.tracking.lineage import finetune_tags
 from train.tracking.tags import (
     MLFLOW_RUN_ID_KEY,
     log_artifact,
@@ -163,7 +163,7 @@ class ExportOnTrainEnd(L.Callback):
             return
         root = Path(trainer.default_root_dir)
         self.path = pl_module.export(root / self.dirname, **extra)
-        lineage = adapter_tags(pl_module)
+        lineage = finetune_tags(pl_module)
         self._publish(trainer, self.path, self.dirname, self.register_as, "diffusers", lineage)
         if getattr(pl_module, "backbone", None) is not None:
             self._export_adapter(trainer, pl_module, root, extra.get("model"), lineage)

@@ -28,7 +28,7 @@ from train.config.resume import check_resume_data
 from train.config.run_files import RUN_ID_FILE, check_fresh_start, checkpoint_dir, save_hydra_files
 from train.distributed.checkpoint_io import resolve_checkpoint
 from train.errors import cause_of
-from train.tracking.lineage import adapter_tags, dataset_manifest, requirements
+from train.tracking.lineage import dataset_manifest, finetune_tags, requirements
 from train.tracking.secrets import redact
 from train.tracking.tags import (
     MLFLOW_RUN_ID_KEY,
@@ -212,13 +212,13 @@ def record_lineage(
     trainer: L.Trainer, resolved: dict, datamodule: Any, run_dir: Path, module: Any
 ) -> None:
     """Rank 0: the resolved config as a YAML artifact, the environment's packages, the
-    dataset's description (tags) and shard manifest (artifact), and an adapter run's adapter
-    and base model (tags)."""
+    dataset's description (tags) and shard manifest (artifact), and a fine-tuning run's base
+    model and adapter (tags)."""
     if not trainer.is_global_zero or not mlflow_loggers(trainer):
         return
     data = resolved.get("data") or {}
     tags, manifest = dataset_manifest(datamodule, data.get("urls") or data.get("datasets"))
-    tags |= adapter_tags(module)
+    tags |= finetune_tags(module)
     for logger in mlflow_loggers(trainer):
         for key, value in tags.items():
             logger.experiment.set_tag(logger.run_id, key, value)

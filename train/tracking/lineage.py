@@ -79,11 +79,20 @@ def dataset_manifest(datamodule: Any, patterns: Any) -> tuple[dict[str, str], st
     return tags, manifest
 
 
-def adapter_tags(module: Any) -> dict[str, str]:
-    """Tags of an adapter run (empty for others): the adapter's kind, rank, alpha and targets,
-    the base model it was trained on and that base's content hash, so that a LoRA found later
-    names the exact weights it belongs to."""
-    config = getattr(getattr(module, "backbone", None), "adapter", None)
+def finetune_tags(module: Any) -> dict[str, str]:
+    """Tags of a run that starts from a pretrained base (LoRA, ControlNet, inpainting; empty for
+    others): the base model as given and that base's content hash, so that what it wrote names
+    the exact weights it belongs to, plus an adapter's kind, rank, alpha and targets."""
+    tags = adapter_tags(getattr(getattr(module, "backbone", None), "adapter", None))
+    base = getattr(module, "base", None)
+    if base:
+        tags["base_model"] = str(base)
+        tags["base_model.sha256"] = base_sha256(str(base))
+    return tags
+
+
+def adapter_tags(config: Any) -> dict[str, str]:
+    """A peft adapter config's kind, rank, alpha and targets as tags ({} for None)."""
     if config is None:
         return {}
     tags = {"adapter.type": type(config).__name__}
@@ -93,10 +102,6 @@ def adapter_tags(module: Any) -> dict[str, str]:
         if value is not None and f"adapter.{tag}" not in tags:
             value = sorted(value) if isinstance(value, set) else value
             tags[f"adapter.{tag}"] = str(value)[:5000]
-    base = getattr(module, "base", None)
-    if base:
-        tags["base_model"] = str(base)
-        tags["base_model.sha256"] = base_sha256(str(base))
     return tags
 
 

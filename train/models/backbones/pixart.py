@@ -12,16 +12,15 @@ from __future__ import annotations
 
 from typing import Any
 
-import diffusers
 import torch
 from torch import nn
 
 from train.errors import ConfigError
 from train.models.backbones.base import Backbone
+from train.models.backbones.samplers import check_flow_sampler
 from train.models.conditioning import Conditioning
 
 PIPELINES = ("PixArtSigmaPipeline", "PixArtAlphaPipeline")
-FLOW_PRESET = "model/objective=flow_pixart"
 
 
 def sampling_kwargs(max_sequence_length: int) -> dict[str, Any]:
@@ -31,25 +30,6 @@ def sampling_kwargs(max_sequence_length: int) -> dict[str, Any]:
     and ftfy and would change the text the encoder saw in training)."""
     return {"use_resolution_binning": False, "clean_caption": False,
             "max_sequence_length": int(max_sequence_length)}  # fmt: skip
-
-
-def flow_scheduler_problem(cls_name: str, config: dict) -> str | None:
-    """Why the scheduler `cls_name(**config)` cannot sample a rectified flow in a PixArt
-    pipeline, or None. The pipeline scales the first latents by `init_noise_sigma` and calls
-    `scale_model_input` (FlowMatch schedulers have neither), and the scheduler must read the
-    model output as the velocity eps - x0 on sigmas x_t = (1 - s) x0 + s eps."""
-    cls = getattr(diffusers, cls_name, None)
-    if cls is None:
-        return f"diffusers has no scheduler class {cls_name}"
-    scheduler = cls.from_config(config)
-    missing = [a for a in ("init_noise_sigma", "scale_model_input") if not hasattr(scheduler, a)]
-    if missing:
-        return f"{cls_name} has no {' or '.join(missing)}, which the pipeline calls"
-    if not scheduler.config.get("use_flow_sigmas"):
-        return f"{cls_name} without use_flow_sigmas=true samples a DDPM schedule, not the flow's"
-    if scheduler.config.get("prediction_type") != "flow_prediction":
-        return f"{cls_name} without prediction_type=flow_prediction reads no velocity"
-    return None
 
 
 class PixArtBackbone(Backbone):
@@ -86,7 +66,7 @@ class PixArtBackbone(Backbone):
         self._check_shapes(conditioner)
         self._check_mask(conditioner)
         if objective.kind == "flow":
-            self._check_flow(objective)
+            check_flow_sampler(objective, self.pipeline_class)
         self.max_sequence_length = int(conditioner.max_length)
 
     def _check_shapes(self, conditioner: Any) -> None:
@@ -126,17 +106,6 @@ class PixArtBackbone(Backbone):
                 f"model.conditioner.use_attention_mask=false, but {self.pipeline_class} always "
                 "passes the padding mask to the text encoder; set "
                 "model.conditioner.use_attention_mask=true"
-            )
-
-    def _check_flow(self, objective: Any) -> None:
-        name = objective.export_scheduler
-        problem = flow_scheduler_problem(name, objective.scheduler_config())
-        if problem:
-            raise ConfigError(
-                f"model.objective.scheduler_class={name}: {problem}, so {self.pipeline_class} "
-                f"cannot sample this flow; use {FLOW_PRESET} (scheduler_class="
-                "DPMSolverMultistepScheduler, scheduler: {use_flow_sigmas: true, "
-                "prediction_type: flow_prediction, flow_shift: ...})"
             )
 
     def pipeline_call_kwargs(self) -> dict[str, Any]:

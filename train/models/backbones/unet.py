@@ -10,6 +10,7 @@ from torch import nn
 
 from train.errors import ConfigError
 from train.models.backbones.base import Backbone
+from train.models.backbones.samplers import check_flow_sampler
 from train.models.conditioning import Conditioning
 
 
@@ -26,6 +27,7 @@ class UNetBackbone(Backbone):
 
     component = "unet"
     setting = "model.backbone.model"
+    sampled_by = ("ddpm", "flow")
 
     def __init__(
         self, model: nn.Module, gradient_checkpointing: bool = False, adapter: Any = None
@@ -46,6 +48,8 @@ class UNetBackbone(Backbone):
 
     def check(self, latent_channels: int, conditioner: Any, objective: Any) -> None:
         super().check(latent_channels, conditioner, objective)
+        if objective.kind == "flow":
+            check_flow_sampler(objective, self.pipeline_class)
         width = int(self.model.config.cross_attention_dim)
         if width != conditioner.hidden_size:
             raise ConfigError(
