@@ -146,6 +146,9 @@ def generate(
     import torch
 
     generator = torch.Generator(device="cpu").manual_seed(seed)
+    # Some pipelines also draw from the global RNG (SD3's ControlNet pipeline samples the control
+    # image's VAE posterior there): seeded too, so that --seed reproduces the images.
+    torch.manual_seed(seed)
     extra = {**call_kwargs(pipe), **(extra or {})}
     images: list[Image.Image] = []
     for i in range(0, len(prompts), batch_size):

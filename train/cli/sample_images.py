@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -118,8 +119,8 @@ def image_pipeline(pipe: DiffusionPipeline, args: argparse.Namespace) -> tuple[A
             "what to repaint, --init-image IMG --mask MASK"
         )
     if not args.init_image:
-        if control:  # the text-to-image ControlNet pipelines call it `image`
-            control["image"] = control.pop("control_image")
+        if control and "control_image" not in inspect.signature(pipe.__call__).parameters:
+            control["image"] = control.pop("control_image")  # the UNets' ControlNet pipelines
         return pipe, control
     from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
 

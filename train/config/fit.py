@@ -65,9 +65,9 @@ def check_image_inputs(cfg: DictConfig) -> None:
     images, so neither can be scored by the evaluation callback (its prompts come alone) or
     trained on encoded shards (which hold no images)."""
     target = str(OmegaConf.select(cfg, "model.backbone._target_", default="") or "")
-    kind = {"ControlNetBackbone": "controlnet", "InpaintUNetBackbone": "inpaint"}.get(
-        target.rsplit(".", 1)[-1]
-    )
+    kinds = {"ControlNetBackbone": "controlnet", "SD3ControlNetBackbone": "controlnet",
+             "InpaintUNetBackbone": "inpaint"}  # fmt: skip
+    kind = kinds.get(target.rsplit(".", 1)[-1])
     if kind is None:
         return
     if kind == "controlnet" and OmegaConf.select(cfg, "data.control", default=None) is None:

@@ -18,7 +18,7 @@ class Conditioning:
     mask: torch.Tensor | None = None  # [B, L] 1 for real tokens (PixArt, Sana)
     # [B, 6] SDXL micro-conditioning: original size (h, w), crop top-left (y, x), target (h, w)
     sizes: torch.Tensor | None = None
-    control: torch.Tensor | None = None  # [B, 3, H, W] in [0, 1]: a ControlNet's control image
+    control: torch.Tensor | None = None  # a ControlNet's control: [B, 3, H, W] in [0, 1] or latents
     # [B, 1 + C, h, w] an inpainting UNet's extra inputs: the mask and the masked image's latents
     inpaint: torch.Tensor | None = None
 

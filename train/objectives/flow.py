@@ -6,6 +6,8 @@ and the interpolation are one line each and written here, as diffusers' training
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from diffusers.training_utils import (
     compute_density_for_timestep_sampling,
@@ -65,6 +67,32 @@ class RectifiedFlow:
         self.export_scheduler = self.preview_scheduler = scheduler_class
         shift_key = {"shift": shift} if scheduler_class.startswith("FlowMatch") else {}
         self.scheduler_kwargs = {**shift_key, **(scheduler or {})}
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str, subfolder: str = "scheduler", **kwargs: Any
+    ) -> RectifiedFlow:
+        """The objective of a pretrained flow pipeline: its scheduler's class, options, shift and
+        timesteps (``scheduler/`` of SD3 Medium or of an export of ours), so that fine-tuning
+        trains the base as it was trained and the export samples as the base did; ``kwargs``: the
+        training-only settings (density, loss weighting)."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        where = f"{pretrained_model_name_or_path}/{subfolder}"
+        config = FlowMatchEulerDiscreteScheduler.load_config(
+            pretrained_model_name_or_path, subfolder=subfolder
+        )
+        name = str(config.get("_class_name", ""))
+        if not (name.startswith("FlowMatch") or config.get("use_flow_sigmas")):
+            raise ValueError(
+                f"{where} holds a {name or 'scheduler'} without flow sigmas: the base was not "
+                "trained by rectified flow; use model/objective=ddpm_pretrained"
+            )
+        options = {k: v for k, v in config.items() if not k.startswith("_")}
+        shift = float(options.get("shift", options.get("flow_shift")) or 1.0)
+        steps = int(options.pop("num_train_timesteps", 1000))
+        return cls(shift=shift, num_train_timesteps=steps, scheduler=options,
+                   scheduler_class=name, **kwargs)  # fmt: skip
 
     def draw(self, x0: torch.Tensor, rng: Draws) -> Noised:
         noise = rng.randn(tuple(x0.shape[1:]), x0.dtype)

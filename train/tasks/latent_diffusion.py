@@ -149,9 +149,8 @@ class LatentDiffusion(L.LightningModule):
         and a ControlNet's control image from the batch when the data provides them."""
         drop = self.caption_drop_mask(rng) if rng is not None else None
         cond = self.conditioner.encode(batch, drop)
-        return cond.with_sizes(batch_sizes(batch, cond.hidden)).with_control(
-            batch.get("control_values")
-        )
+        control = self.backbone.encode_control(batch.get("control_values"), self.vae)
+        return cond.with_sizes(batch_sizes(batch, cond.hidden)).with_control(control)
 
     def diffusion_step(self, batch: dict, rng: SampleRNG) -> torch.Tensor:
         """The training loss of one micro-batch; every random draw comes from ``rng``."""

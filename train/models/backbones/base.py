@@ -98,6 +98,11 @@ class Backbone(nn.Module):
         ControlNet's control images, an inpainting model's images and masks); {} for none."""
         return {}
 
+    def encode_control(self, control: torch.Tensor | None, vae: Any) -> torch.Tensor | None:
+        """The control image as the model reads it; pixels [B, 3, H, W] in [0, 1] here (a UNet
+        ControlNet embeds them itself), VAE latents for the transformers' ControlNets."""
+        return control
+
     def check_scale_factor(self, factor: int) -> None:
         """ConfigError when the model cannot work over a VAE that downsamples `factor`x."""
 

@@ -21,10 +21,22 @@ from train.models.conditioning import Conditioning
 
 
 class FrozenBase:
-    """A plain holder (not an nn.Module): the base UNet stays out of `state_dict` and wrapping."""
+    """A plain holder (not an nn.Module): the base denoiser stays out of `state_dict` and
+    wrapping."""
 
-    def __init__(self, backbone: UNetBackbone) -> None:
+    def __init__(self, backbone: Backbone) -> None:
         self.backbone = backbone
+
+
+def batch_controls(batch: dict | None, n: int) -> torch.Tensor:
+    """The batch's first `n` control images [n, 3, H, W] in [0, 1] (repeated when it has fewer):
+    what a ControlNet's previews are sampled with."""
+    if batch is None or "control_values" not in batch:
+        raise ConfigError("sampling a ControlNet needs a control image per prompt; previews "
+                          "take them from the first training batch")  # fmt: skip
+    control = batch["control_values"]
+    rows = torch.arange(n) % len(control)
+    return control[rows].float().clamp(0, 1).cpu()
 
 
 class ControlNetBackbone(Backbone):
@@ -139,12 +151,7 @@ class ControlNetBackbone(Backbone):
 
     def sample_inputs(self, batch: dict | None, n: int) -> dict[str, Any]:
         """The batch's first `n` control images (repeated when it has fewer)."""
-        if batch is None or "control_values" not in batch:
-            raise ConfigError("sampling a ControlNet needs a control image per prompt; previews "
-                              "take them from the first training batch")  # fmt: skip
-        control = batch["control_values"]
-        rows = torch.arange(n) % len(control)
-        return {"image": control[rows].float().clamp(0, 1).cpu()}
+        return {"image": batch_controls(batch, n)}
 
     def pipeline_call_kwargs(self) -> dict[str, Any]:
         return {"controlnet_conditioning_scale": self.conditioning_scale}

@@ -79,13 +79,16 @@ def require_projection(model: PreTrainedModel, setting: str, wanted: bool, pipel
 
 
 # The T5 tokenizer of each pipeline: its model_max_length is the T5 length trained with.
-T5_TOKENIZERS = {"StableDiffusion3Pipeline": "tokenizer_3", "FluxPipeline": "tokenizer_2"}
+# T5's tokenizer by pipeline-class prefix: every SD3 / Flux pipeline (ControlNet, img2img too).
+T5_TOKENIZERS = {"StableDiffusion3": "tokenizer_3", "Flux": "tokenizer_2"}
 
 
 def sampling_kwargs(pipe: object) -> dict[str, int]:
     """max_sequence_length for a loaded SD3 / Flux export ({} for other pipelines, and for SD3
     without T5, whose zeros then take the pipeline's default length, 256)."""
-    tokenizer = getattr(pipe, T5_TOKENIZERS.get(type(pipe).__name__, ""), None)
+    name = type(pipe).__name__
+    attr = next((t for prefix, t in T5_TOKENIZERS.items() if name.startswith(prefix)), "")
+    tokenizer = getattr(pipe, attr, None) if attr else None
     return {} if tokenizer is None else {"max_sequence_length": int(tokenizer.model_max_length)}
 
 
