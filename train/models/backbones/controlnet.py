@@ -39,12 +39,71 @@ def batch_controls(batch: dict | None, n: int) -> torch.Tensor:
     return control[rows].float().clamp(0, 1).cpu()
 
 
-class ControlNetBackbone(Backbone):
-    """A `ControlNetModel` over a frozen UNet backbone (SD 1.x/2.x or SDXL)."""
+def require_plain_base(base: Backbone, what: str) -> None:
+    """ConfigError when the base carries an adapter: a ControlNet trains beside a plain model."""
+    if base.adapter is not None:
+        raise ConfigError(f"model.backbone.base has an adapter: a ControlNet trains beside a "
+                          f"plain frozen {what}; remove model.backbone.base.adapter")  # fmt: skip
+
+
+class FrozenBaseControlNet(Backbone):
+    """What every ControlNet beside a frozen base backbone shares, whatever the family: the base
+    held outside the module tree (moved with the module, exported as a frozen part under
+    `base_component`), its sample size and FSDP units, the conditioning scale, the step's FLOPs.
+    Subclasses make the ControlNet and call it with the base."""
 
     component = "controlnet"
+    base_component = "unet"  # the frozen base's pipeline name
     setting = "model.backbone.base.model"
     sample_size_setting = "model.backbone.base.model.sample_size"
+
+    def __init__(
+        self,
+        base: Backbone,
+        model: nn.Module,
+        conditioning_scale: float = 1.0,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__(model, gradient_checkpointing)
+        base.model.requires_grad_(False).eval()
+        self._base = FrozenBase(base)
+        self.conditioning_scale = float(conditioning_scale)
+
+    @property
+    def base(self) -> Backbone:
+        return self._base.backbone
+
+    @property
+    def sample_size(self) -> int:
+        return self.base.sample_size
+
+    def _apply(self, fn, recurse: bool = True):
+        # .to()/.half() reach the frozen base too (it is not a registered submodule).
+        super()._apply(fn, recurse)
+        if recurse:
+            self.base.model._apply(fn)
+        return self
+
+    def train_flops(self, batch: int, latent: tuple[int, ...], cond: Conditioning) -> int:
+        """The ControlNet's forward + backward, plus the frozen base's forward and the backward
+        through its activations (to the residuals; no weight gradients: about one more forward)."""
+        from train.models.flops import train_flops
+
+        base_fwd_bwd = self.base.train_flops(batch, latent, cond)
+        return train_flops(self, batch, latent, cond) + base_fwd_bwd * 2 // 3
+
+    def frozen_parts(self) -> dict[str, nn.Module]:
+        return {self.base_component: self.base.model}
+
+    def pipeline_call_kwargs(self) -> dict[str, Any]:
+        return {"controlnet_conditioning_scale": self.conditioning_scale}
+
+    def wrap_units(self) -> set[type[nn.Module]]:
+        return self.base.wrap_units()
+
+
+class ControlNetBackbone(FrozenBaseControlNet):
+    """A `ControlNetModel` over a frozen UNet backbone (SD 1.x/2.x or SDXL)."""
 
     def __init__(
         self,
@@ -60,44 +119,24 @@ class ControlNetBackbone(Backbone):
         entry after the first: the VAE's factor)."""
         from diffusers import ControlNetModel
 
-        if base.adapter is not None:
-            raise ConfigError("model.backbone.base has an adapter: a ControlNet trains beside a "
-                              "plain frozen UNet; remove model.backbone.base.adapter")  # fmt: skip
+        require_plain_base(base, "UNet")
         if model is None:
             channels = tuple(int(c) for c in conditioning_embedding_out_channels)
             model = ControlNetModel.from_unet(
                 base.model, conditioning_embedding_out_channels=channels
             )
-        super().__init__(model, gradient_checkpointing)
-        base.model.requires_grad_(False).eval()
-        self._base = FrozenBase(base)
-        self.conditioning_scale = float(conditioning_scale)
+        super().__init__(base, model, conditioning_scale, gradient_checkpointing)
         family = "StableDiffusionXL" if base.is_sdxl else "StableDiffusion"
         self.pipeline_class = f"{family}ControlNetPipeline"
-
-    @property
-    def base(self) -> UNetBackbone:
-        return self._base.backbone
 
     @property
     def unet(self) -> nn.Module:
         return self.base.model
 
     @property
-    def sample_size(self) -> int:
-        return self.base.sample_size
-
-    @property
     def control_factor(self) -> int:
         """How much the conditioning embedder downsamples the control image."""
         return 2 ** (len(self.model.config.conditioning_embedding_out_channels) - 1)
-
-    def _apply(self, fn, recurse: bool = True):
-        # .to()/.half() reach the frozen UNet too (it is not a registered submodule).
-        super()._apply(fn, recurse)
-        if recurse:
-            self.unet._apply(fn)
-        return self
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         return controlled_prediction(self.model, self.unet, x_t, t, cond, self.conditioning_scale)
@@ -135,29 +174,12 @@ class ControlNetBackbone(Backbone):
                 f"{factor}x; give it {want} entries (e.g. {[16 * 2**i for i in range(want)]})"
             )
 
-    def train_flops(self, batch: int, latent: tuple[int, ...], cond: Conditioning) -> int:
-        """The ControlNet's forward + backward, plus the frozen UNet's forward and the backward
-        through its activations (to the residuals; no weight gradients: about one more forward)."""
-        from train.models.flops import train_flops
-
-        unet_fwd_bwd = self.base.train_flops(batch, latent, cond)
-        return train_flops(self, batch, latent, cond) + unet_fwd_bwd * 2 // 3
-
-    def frozen_parts(self) -> dict[str, nn.Module]:
-        return {"unet": self.unet}
-
     def pipeline_extras(self) -> dict[str, Any]:
         return self.base.pipeline_extras()
 
     def sample_inputs(self, batch: dict | None, n: int) -> dict[str, Any]:
         """The batch's first `n` control images (repeated when it has fewer)."""
         return {"image": batch_controls(batch, n)}
-
-    def pipeline_call_kwargs(self) -> dict[str, Any]:
-        return {"controlnet_conditioning_scale": self.conditioning_scale}
-
-    def wrap_units(self) -> set[type[nn.Module]]:
-        return self.base.wrap_units()
 
 
 def controlled_prediction(

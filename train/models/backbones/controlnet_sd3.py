@@ -15,8 +15,11 @@ import torch
 from torch import nn
 
 from train.errors import ConfigError
-from train.models.backbones.base import Backbone
-from train.models.backbones.controlnet import FrozenBase, batch_controls
+from train.models.backbones.controlnet import (
+    FrozenBaseControlNet,
+    batch_controls,
+    require_plain_base,
+)
 from train.models.backbones.sd3 import SD3Backbone
 from train.models.conditioning import Conditioning
 
@@ -56,15 +59,13 @@ def controlled_depth(base: SD3Backbone, num_layers: int | None) -> int:
     return int(num_layers)
 
 
-class SD3ControlNetBackbone(Backbone):
+class SD3ControlNetBackbone(FrozenBaseControlNet):
     """An `SD3ControlNetModel` over a frozen SD3 backbone."""
 
-    component = "controlnet"
+    base_component = "transformer"
     pipeline_class = "StableDiffusion3ControlNetPipeline"
     sampled_by = SD3Backbone.sampled_by
     needs_shift_factor = True
-    setting = "model.backbone.base.model"
-    sample_size_setting = "model.backbone.base.model.sample_size"
 
     def __init__(
         self,
@@ -77,36 +78,14 @@ class SD3ControlNetBackbone(Backbone):
         """``model``: a ControlNet to go on training (``SD3ControlNetModel.from_pretrained``);
         by default one is made from ``base`` with its first ``num_layers`` blocks (null: all that
         take its residuals, every block but the last; InstantX's take 6 of SD3 Medium's 24)."""
-        if base.adapter is not None:
-            raise ConfigError(
-                "model.backbone.base has an adapter: a ControlNet trains beside a plain frozen "
-                "transformer; remove model.backbone.base.adapter"
-            )
+        require_plain_base(base, "transformer")
         if model is None:
             model = controlnet_from_transformer(base.model, controlled_depth(base, num_layers))
-        super().__init__(model, gradient_checkpointing)
-        base.model.requires_grad_(False).eval()
-        self._base = FrozenBase(base)
-        self.conditioning_scale = float(conditioning_scale)
-
-    @property
-    def base(self) -> SD3Backbone:
-        return self._base.backbone
+        super().__init__(base, model, conditioning_scale, gradient_checkpointing)
 
     @property
     def transformer(self) -> nn.Module:
         return self.base.model
-
-    @property
-    def sample_size(self) -> int:
-        return self.base.sample_size
-
-    def _apply(self, fn, recurse: bool = True):
-        # .to()/.half() reach the frozen transformer too (it is not a registered submodule).
-        super()._apply(fn, recurse)
-        if recurse:
-            self.transformer._apply(fn)
-        return self
 
     def encode_control(self, control: torch.Tensor | None, vae: Any) -> torch.Tensor | None:
         """The control image's latents, as StableDiffusion3ControlNetPipeline computes them:
@@ -163,22 +142,5 @@ class SD3ControlNetBackbone(Backbone):
                     "makes one from it)"
                 )
 
-    def train_flops(self, batch: int, latent: tuple[int, ...], cond: Conditioning) -> int:
-        """The ControlNet's forward + backward, plus the frozen transformer's forward and the
-        backward through its activations (no weight gradients: about one more forward)."""
-        from train.models.flops import train_flops
-
-        base = self.base.train_flops(batch, latent, cond)
-        return train_flops(self, batch, latent, cond) + base * 2 // 3
-
-    def frozen_parts(self) -> dict[str, nn.Module]:
-        return {"transformer": self.transformer}
-
     def sample_inputs(self, batch: dict | None, n: int) -> dict[str, Any]:
         return {"control_image": batch_controls(batch, n)}
-
-    def pipeline_call_kwargs(self) -> dict[str, Any]:
-        return {"controlnet_conditioning_scale": self.conditioning_scale}
-
-    def wrap_units(self) -> set[type[nn.Module]]:
-        return self.base.wrap_units()

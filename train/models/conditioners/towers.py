@@ -78,8 +78,8 @@ def require_projection(model: PreTrainedModel, setting: str, wanted: bool, pipel
         )
 
 
-# The T5 tokenizer of each pipeline: its model_max_length is the T5 length trained with.
-# T5's tokenizer by pipeline-class prefix: every SD3 / Flux pipeline (ControlNet, img2img too).
+# The T5 tokenizer of every SD3 / Flux pipeline (text-to-image, ControlNet, img2img), by class-name
+# prefix: its model_max_length is the T5 length trained with.
 T5_TOKENIZERS = {"StableDiffusion3": "tokenizer_3", "Flux": "tokenizer_2"}
 
 
