@@ -7,10 +7,8 @@ them; both ranks import at once, where Lightning's launcher starts rank 1 only o
 built its Trainer, ~10 s later here), the two-"node" run included. `ldm-export` runs in the
 test process (`cli_runner`): its subject is the consolidation, not a process.
 
-The optimizer is SGD with momentum: Adam's g / sqrt(v) turns float rounding in near-zero
-gradients (which differs with the reduction order of each strategy) into update-sized
-differences (~1e-4 after 4 steps), while SGD keeps them at rounding level, so the comparison can
-be tight enough to catch a wrong gradient, batch split, EMA or noise draw.
+The optimizer is SGD with momentum (`launch.SGD` says why), so the comparison can be tight
+enough to catch a wrong gradient, batch split, EMA or noise draw.
 """
 
 from __future__ import annotations
@@ -24,20 +22,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_runner import run_cli, run_env
+from cli_runner import run_env
 from img2dataset_env import free_port
+from launch import LDM_TRAIN, SGD, TORCHRUN, ldm_export, ldm_train
 from safetensors.torch import load_file
 
-from train.cli.export import main as export_main
-
-LDM_TRAIN = str(Path(sys.executable).parent / "ldm-train")
-LDM_EXPORT = str(Path(sys.executable).parent / "ldm-export")
 # The trained model's weights in an export, by family preset.
 WEIGHTS = {"tiny": "unet/diffusion_pytorch_model.safetensors",
            "pixart_tiny": "transformer/diffusion_pytorch_model.safetensors"}  # fmt: skip
 UNET = WEIGHTS["tiny"]
 STEPS = 4
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
 
 
 def common(shards: Path, experiment: str = "tiny") -> list[str]:
@@ -49,27 +43,11 @@ def common(shards: Path, experiment: str = "tiny") -> list[str]:
         "trainer.limit_val_batches=1.0",
         "batch.global_size=8",
         f"trainer.max_steps={STEPS}",
-        "model.optimizer._target_=torch.optim.SGD",
-        "model.optimizer.lr=0.1",
-        "+model.optimizer.momentum=0.9",
+        *SGD,
         "callbacks.samples.every_n_steps=1",  # previews gather shards mid-run too
         "callbacks/ema=default",
         "callbacks.ema.decay=0.5",  # far from the raw weights after 4 steps (asserted below)
     ]
-
-
-def ldm_train(root: Path, *overrides: str, launcher: list[str] | None = None):
-    env = run_env(root)
-    cmd = [*(launcher or []), LDM_TRAIN, *overrides]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-5000:]}")
-    return proc
-
-
-def ldm_export(*args: str) -> None:
-    proc = run_cli(export_main, [LDM_EXPORT, *args])
-    assert proc.returncode == 0, f"ldm-export {' '.join(args)}: {proc.stderr[-3000:]}"
 
 
 def grad_norms(root: Path, metric: str = "train/grad_norm") -> list[tuple[int, float]]:

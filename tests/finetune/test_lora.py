@@ -365,18 +365,22 @@ def test_ldm_sample_with_the_lora_matches_the_merged_export(lora_run, tmp_path) 
     assert f"--lora {other} holds no weights for {base}'s UNet2DConditionModel" in proc.stderr
 
 
-@pytest.mark.parametrize("strategy", ["deepspeed_zero3", "fsdp"])
-def test_an_adapter_under_a_sharding_strategy_is_refused_before_training(
-    strategy, tiny_run, demo_shards, tmp_path
+@pytest.mark.parametrize("adapter", ["dora", "loha"])
+def test_an_adapter_fsdp_cannot_shard_is_refused_before_training(
+    adapter, tiny_run, demo_shards, tmp_path
 ) -> None:
     from train.cli.train import main
 
-    args = lora_overrides(tmp_path, tiny_run[0] / "export", demo_shards, f"strategy={strategy}",
-                          "trainer.devices=2")  # fmt: skip
+    args = lora_overrides(tmp_path, tiny_run[0] / "export", demo_shards, "strategy=fsdp",
+                          "trainer.devices=2", f"model/backbone/adapter={adapter}")  # fmt: skip
+    if adapter == "loha":  # its own rank and alpha keys
+        args = [a for a in args if not a.startswith("model.backbone.adapter.")]
     proc = run_cli(main, ["ldm-train", *args])
     assert proc.returncode == 2, proc.stderr
-    assert "which shards parameters: adapter runs do not run sharded yet; use strategy=ddp or " \
-        "deepspeed_zero2" in proc.stderr  # fmt: skip
+    kind = {"dora": "DoRA (LoraConfig use_dora)", "loha": "LoHaConfig"}[adapter]
+    assert f"model.backbone.adapter is {kind} and the strategy is FSDP, which shards a LoRA " \
+        "only: use model/backbone/adapter=lora with strategy=fsdp, or keep the adapter with " \
+        "strategy=deepspeed_zero3" in proc.stderr  # fmt: skip
     # Refused before anything trains: the run folder holds only the log of the refusal.
     assert [p.name for p in (tmp_path / "runs" / "lora").iterdir()] == ["train.log"]
 

@@ -42,21 +42,23 @@ def check_values(cfg: DictConfig) -> None:
 
 
 def check_adapter_strategy(cfg: DictConfig) -> None:
-    """An adapter (LoRA, ...) under a strategy that shards parameters is refused: its gather,
-    EMA and checkpoint paths are not made for a model whose frozen base is sharded too (a naive
-    gather of a ZeRO-3 adapter comes out empty, peft#2500)."""
-    if OmegaConf.select(cfg, "model.backbone.adapter", default=None) is None:
-        return
+    """Under FSDP an adapter trains as LoRA only: each layer holding adapter weights is an FSDP
+    unit of its own, called through its forward. DoRA reads its LoRA layers' weights directly
+    and LoHa/LoKr keep them in parameter dicts (no forward), which FSDP would hand them as
+    flat shards; ZeRO-3 gathers those on access and takes every adapter."""
+    adapter = OmegaConf.select(cfg, "model.backbone.adapter", default=None)
     strategy = cfg.get("strategy") or {}
     target = str(strategy.get("_target_", "")) if isinstance(strategy, DictConfig) else ""
-    zero3 = target.endswith("DeepSpeedStrategy") and strategy.get("stage") == 3
-    fsdp = target.endswith("FSDPStrategy")
-    if zero3 or fsdp:
-        name = "FSDP" if fsdp else "DeepSpeed ZeRO-3"
+    if not isinstance(adapter, DictConfig) or not target.endswith("FSDPStrategy"):
+        return
+    kind = str(adapter.get("_target_", "")).rsplit(".", 1)[-1]
+    if kind == "LoraConfig" and adapter.get("use_dora"):
+        kind = "DoRA (LoraConfig use_dora)"
+    if kind != "LoraConfig":
         raise ConfigError(
-            f"model.backbone.adapter is set and the strategy is {name}, which shards parameters: "
-            "adapter runs do not run sharded yet; use strategy=ddp or deepspeed_zero2 (the "
-            "adapter is small and stays whole on every rank there)"
+            f"model.backbone.adapter is {kind} and the strategy is FSDP, which shards a LoRA "
+            "only: use model/backbone/adapter=lora with strategy=fsdp, or keep the adapter with "
+            "strategy=deepspeed_zero3 (or ddp, deepspeed_zero2)"
         )
 
 

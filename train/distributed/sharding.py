@@ -65,7 +65,7 @@ def full_state_dict(trainer: L.Trainer, module: torch.nn.Module) -> StateDict | 
     return state if trainer.is_global_zero else None
 
 
-def _gather_zero3(module: torch.nn.Module, keep: bool) -> StateDict:
+def _gather_zero3(module: torch.nn.Module, keep: bool, frozen_only: bool = False) -> StateDict:
     import deepspeed
 
     # One submodule at a time, so at most one layer's full weights exist besides the shards.
@@ -73,6 +73,8 @@ def _gather_zero3(module: torch.nn.Module, keep: bool) -> StateDict:
     for name, sub in module.named_modules():
         prefix = f"{name}." if name else ""
         params = list(sub.named_parameters(recurse=False))
+        if frozen_only:
+            params = [(k, p) for k, p in params if not p.requires_grad]
         with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
             if keep:
                 state.update({prefix + k: p.detach().cpu().clone() for k, p in params})
@@ -108,8 +110,10 @@ def gather_zero3_shards(
     trainer: L.Trainer, module: torch.nn.Module, shards: list[torch.Tensor]
 ) -> StateDict | None:
     """Collective: whole tensors on global rank 0 from per-rank flat ZeRO-3 partitions of
-    ``module``'s parameters (e.g. EMA shards aligned with ``ds_tensor``), plus its buffers."""
-    named = list(module.named_parameters())
+    ``module``'s trained parameters (e.g. EMA shards aligned with ``ds_tensor``), plus its
+    buffers and its frozen parameters (an adapter's base), gathered live."""
+    named = trained(module)
+    frozen = _gather_zero3(module, trainer.is_global_zero, frozen_only=True)
     flat = torch.cat([s.reshape(-1).float() for s in shards])
     rank0 = trainer.is_global_zero
     parts = [torch.empty_like(flat) for _ in range(trainer.world_size)] if rank0 else None
@@ -123,14 +127,15 @@ def gather_zero3_shards(
         pieces = [part[offset : offset + n].cpu() for part in parts]
         state[clean_name(name)] = zero3_unpartition(pieces, list(p.ds_shape))
         offset += n
-    return {**state, **persistent_buffers(module)}
+    return {**frozen, **state}
 
 
 def gather_fsdp_shards(
     trainer: L.Trainer, module: torch.nn.Module, shards: list[torch.Tensor]
 ) -> StateDict | None:
     """Collective: whole tensors on global rank 0 from each rank's FSDP pieces of ``module``'s
-    parameters (e.g. EMA shards aligned with `local_tensors`), plus its buffers.
+    trained parameters (e.g. EMA shards aligned with `local_tensors`), plus its buffers and
+    frozen parameters (an adapter's base) from the live model.
 
     Copying such values into the live shards and gathering the model would not do: after a
     no-grad forward (validation) FSDP keeps the root unit's unsharded parameters allocated and
@@ -150,7 +155,7 @@ def gather_fsdp_shards(
     torch.distributed.gather(padded, parts, dst=0)
     if not rank0:
         return None
-    names = [clean_name(n) for n, _ in module.named_parameters()]
+    names = [clean_name(n) for n, _ in trained(module)]
     offsets = [0] * trainer.world_size
     for i, name in enumerate(names):
         pieces = []
@@ -159,6 +164,11 @@ def gather_fsdp_shards(
             offsets[r] += sizes[r][i]
         whole[name] = torch.cat(pieces).reshape(whole[name].shape).to(whole[name].dtype)
     return whole
+
+
+def trained(module: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """``module``'s parameters that train, in order: all of them, or an adapter's."""
+    return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
 
 
 def zero3_partition(whole: torch.Tensor, rank: int, partition_numel: int) -> torch.Tensor:

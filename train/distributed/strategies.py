@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import DDPStrategy
@@ -47,6 +49,14 @@ class DeepSpeedStrategy(_LightningDeepSpeed):
             return torch.device("cpu", self.local_rank)
         return super().root_device
 
+    def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
+        # A module that loads non-strictly (an adapter run, whose frozen base comes from
+        # model.base again) is saved without its frozen parameters: Lightning's load passes
+        # load_module_strict=strict_loading, so such a checkpoint holds only what trains.
+        if not self.lightning_module.strict_loading:
+            self.exclude_frozen_parameters = True
+        super().save_checkpoint(checkpoint, filepath, storage_options)
+
     def _auto_select_batch_size(self) -> int:
         # Lightning reads the DataLoader's batch_sampler; ours batch inside the dataset.
         datamodule = self.lightning_module.trainer.datamodule
@@ -77,9 +87,7 @@ class FSDPStrategy(_LightningFSDP):
         backbone = getattr(model, "backbone", None)
         if "auto_wrap_policy" not in self.kwargs and backbone is not None and backbone.wrap_units():
             # The backbone knows its blocks: each becomes an FSDP unit unless the config says.
-            from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-
-            self.kwargs["auto_wrap_policy"] = ModuleWrapPolicy(backbone.wrap_units())
+            self.kwargs["auto_wrap_policy"] = wrap_policy(backbone.wrap_units(), backbone.model)
         if self.root_device.type != "cpu":
             return super()._setup_model(model)
         # Lightning's private helper, so that activation checkpointing is set up exactly as its
@@ -98,11 +106,57 @@ class FSDPStrategy(_LightningFSDP):
         _setup_activation_checkpointing(model, self._activation_checkpointing_kwargs)
         return model
 
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict:
+        path = Path(self.broadcast(checkpoint_path))
+        if self.lightning_module.strict_loading or not (path / ".metadata").is_file():
+            return super().load_checkpoint(path, weights_only)
+        return self._load_sharded_subset(path, weights_only)
+
+    def _load_sharded_subset(self, path: Path, weights_only: bool | None) -> dict:
+        """Lightning's sharded load for a checkpoint that holds part of the module (an adapter
+        run's: its frozen base comes from model.base again). Lightning's own asks the files for
+        every key of the module and fails on the first one they lack; this asks only for what
+        the files hold, then loads the optimizer states as Lightning does."""
+        from lightning.fabric.strategies.fsdp import _get_sharded_state_dict_context
+        from lightning.pytorch.trainer.states import TrainerFn
+        from torch.distributed.checkpoint import FileSystemReader, load
+        from torch.distributed.checkpoint.optimizer import load_sharded_optimizer_state_dict
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        saved = set(FileSystemReader(path).read_metadata().state_dict_metadata)
+        fitting = self.lightning_module.trainer.state.fn == TrainerFn.FITTING
+        with _get_sharded_state_dict_context(self.model):
+            state = {k: v for k, v in self.model.state_dict().items() if f"model.{k}" in saved}
+            load({"model": state}, storage_reader=FileSystemReader(path))
+            self.model.load_state_dict(state, strict=False)
+            for idx, optim in enumerate(self.optimizers if fitting else []):
+                key = f"optimizer_{idx}"
+                osd = load_sharded_optimizer_state_dict(
+                    model_state_dict=state, optimizer_key=key, storage_reader=FileSystemReader(path)
+                )
+                optim.load_state_dict(FullyShardedDataParallel.optim_state_dict_to_load(
+                    model=self.model, optim=optim, optim_state_dict=osd[key]))  # fmt: skip
+        return torch.load(path / "meta.pt", weights_only=weights_only)
+
     def barrier(self, name: str | None = None) -> None:
         if self.root_device.type == "cpu" and torch.distributed.is_initialized():
             torch.distributed.barrier()
             return
         super().barrier(name)
+
+
+def wrap_policy(units: set[type[torch.nn.Module]], model: torch.nn.Module):
+    """FSDP units: the backbone's blocks and, when an adapter trains, each layer that holds
+    adapter weights (`adapter_leaves`), so frozen and trained weights never share a unit."""
+    from torch.distributed.fsdp.wrap import CustomPolicy, ModuleWrapPolicy
+
+    from train.models import adapters
+
+    if not adapters.has_adapter(model):
+        return ModuleWrapPolicy(units)
+    leaves = {id(m) for m in adapters.adapter_leaves(model)}
+    kinds = tuple(units)
+    return CustomPolicy(lambda m: isinstance(m, kinds) or id(m) in leaves)
 
 
 def module_types(names: list[str]) -> set[type[torch.nn.Module]]:

@@ -84,6 +84,19 @@ def trainable_keys(module: nn.Module) -> set[str]:
     return {name for name, p in module.named_parameters() if p.requires_grad}
 
 
+def adapter_leaves(model: nn.Module) -> list[nn.Module]:
+    """The modules that hold an adapter's weights directly (LoRA's ``lora_A``/``lora_B``
+    layers, DoRA's magnitudes): FSDP units of their own, so that no unit's flat parameter mixes
+    trained and frozen weights (FSDP then keeps gradients for the frozen ones too, and on CPU
+    processes its backward crashes)."""
+    leaves = []
+    for module in model.modules():
+        own = list(module.parameters(recurse=False))
+        if own and all(p.requires_grad for p in own):
+            leaves.append(module)
+    return leaves
+
+
 def merged(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with the adapter folded into the base weights and removed: a plain
     diffusers model that any tool loads (``ldm-export --format merged``)."""

@@ -18,6 +18,7 @@ from PIL import Image
 from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel
 
+from train.distributed.sharding import clean_name
 from train.errors import ConfigError
 from train.models import adapters
 from train.models.backbones.base import Backbone
@@ -292,13 +293,23 @@ class LatentDiffusion(L.LightningModule):
         checkpoint["ldm_parts"] = describe(self)
         if self.backbone.adapter is not None:
             # A LoRA checkpoint is the adapter (and its optimizer state), not a copy of the base.
-            keys = adapters.trainable_keys(self)
-            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
-                                        if k in keys}  # fmt: skip
+            # DeepSpeed writes the weights itself (without the frozen ones, strict_loading off)
+            # and drops this dict's state_dict: the names stored here are checked on load.
+            keys = self._adapter_keys()
+            checkpoint["adapter_keys"] = sorted(keys)
+            if "state_dict" in checkpoint:
+                checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                            if k in keys}  # fmt: skip
+
+    def _adapter_keys(self) -> set[str]:
+        # Under FSDP the module tree holds wrappers; state-dict keys have none.
+        return {clean_name(k) for k in adapters.trainable_keys(self)}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self.backbone.adapter is not None:
-            missing = sorted(adapters.trainable_keys(self) - set(checkpoint["state_dict"]))
+            saved = checkpoint["state_dict"] if "state_dict" in checkpoint else \
+                checkpoint.get("adapter_keys", ())  # fmt: skip
+            missing = sorted(self._adapter_keys() - set(saved))
             if missing:
                 raise ValueError(
                     f"the checkpoint lacks {len(missing)} of the adapter's weights ({missing[0]}"

@@ -134,7 +134,9 @@ class Backbone(nn.Module):
         """A plain copy of `model` holding `state` (gathered shards, EMA weights); for an
         adapter, `state` may hold the adapter alone (an adapter run's EMA): the copy keeps the
         live model's frozen base."""
-        if self.adapter is not None and not set(state) >= set(self.model.state_dict()):
+        # Counted, not compared with state_dict(): under FSDP that is a collective, and this
+        # runs on rank 0 alone. A state with fewer entries than parameters is the adapter's.
+        if self.adapter is not None and len(state) < sum(1 for _ in self.model.parameters()):
             return self._adapter_from_state(state)
         model = type(self.model).from_config(self.model.config)
         if self.adapter is not None:
