@@ -36,7 +36,8 @@ def embedder_channels(base: Path) -> str:
 
 def train(args: argparse.Namespace) -> tuple[Path, float]:
     overrides = [
-        "experiment=controlnet", f"model.base={args.base}", f"data.urls={args.shards}",
+        "experiment=controlnet", f"model/objective={args.objective}",
+        f"model.base={args.base}", f"data.urls={args.shards}",
         "data/control=mask", "data.resolution=32", "data.batch_size=16", "logger=none",
         f"paths.root={args.out}", f"trainer.max_steps={args.steps}",
         f"model.optimizer.lr={args.lr}",
@@ -73,14 +74,14 @@ def controls(n: int, moved: bool, seed: int = 123) -> tuple[list[ShapeSpec], lis
     return chosen, images
 
 
-def score(pipe, n: int, moved: bool, control: bool) -> dict[str, float]:
+def score(pipe, n: int, moved: bool, control: bool, cfg: float) -> dict[str, float]:
     specs, masks = controls(n, moved)
     generator = torch.Generator().manual_seed(0)
     images = []
     for i in range(0, n, 16):
         kw = {"image": masks[i : i + 16]} if control else {}
         images += pipe([s.caption for s in specs[i : i + 16]], num_inference_steps=25,
-                       guidance_scale=4.0, generator=generator, **kw).images  # fmt: skip
+                       guidance_scale=cfg, generator=generator, **kw).images  # fmt: skip
     ious = [iou(mask_of(img), mask_of(m)) for img, m in zip(images, masks, strict=True)]
     checker = score_many(images, specs)
     return {"mean_iou": float(np.mean(ious)), "iou_ge_0.5": float(np.mean(np.array(ious) >= 0.5)),
@@ -93,20 +94,28 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--base", type=Path, required=True, help="a trained demo export")
     p.add_argument("--shards", type=Path, required=True, help="the demo's shapes shards")
+    p.add_argument(
+        "--objective",
+        default="flow_pretrained",
+        help="the base's (the demo trains by rectified flow; ddpm_pretrained else)",
+    )
     p.add_argument("--steps", type=int, default=1200)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--samples", type=int, default=96)
+    p.add_argument("--cfg", type=float, default=1.5, help="guidance (the demo's; 4 for DDPM)")
     p.add_argument("--out", type=Path, default=Path("outputs/controlnet-bench"))
     args = p.parse_args()
     export, seconds = train(args)
-    results = {"cpu": cpu_model(), "steps": args.steps, "lr": args.lr, "train_s": round(seconds)}
+    results = {"cpu": cpu_model(), "objective": args.objective, "cfg": args.cfg,
+               "steps": args.steps, "lr": args.lr, "train_s": round(seconds)}  # fmt: skip
     for name, path, control in (("controlnet", export, True), ("base", args.base, False)):
         pipe = DiffusionPipeline.from_pretrained(path, safety_checker=None)
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        if args.objective == "ddpm_pretrained":  # a flow base samples with its own scheduler
+            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
         for moved in (False, True):
             key = f"{name}_{'moved' if moved else 'matching'}"
-            results[key] = score(pipe, args.samples, moved, control)
+            results[key] = score(pipe, args.samples, moved, control, args.cfg)
             print(key, results[key], flush=True)
     (args.out / "controlnet_shapes.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))

@@ -86,7 +86,8 @@ def write_two_shape_shards(out: Path, n: int, seed: int = 0) -> Path:
 def train(args: argparse.Namespace) -> tuple[Path, float]:
     shards = write_two_shape_shards(args.out / "data", args.samples_train)
     overrides = [
-        "experiment=inpaint", f"model.base={args.base}", f"data.urls={shards}",
+        "experiment=inpaint", f"model/objective={args.objective}",
+        f"model.base={args.base}", f"data.urls={shards}",
         f"data.resolution={SIZE}", "data.batch_size=16", "logger=none", f"paths.root={args.out}",
         f"trainer.max_steps={args.steps}", f"model.optimizer.lr={args.lr}",
         "callbacks.samples.every_n_steps=0", "trainer.val_check_interval=100000",
@@ -127,7 +128,7 @@ def in_box(image: Image.Image, mask: np.ndarray) -> Image.Image:
     return image.crop((xs.min(), ys.min(), xs.max() + 1, ys.max() + 1))
 
 
-def score(pipe, n: int) -> dict[str, float]:
+def score(pipe, n: int, cfg: float) -> dict[str, float]:
     specs = heldout_specs()
     chosen = [specs[i % len(specs)] for i in range(n)]
     rng = np.random.default_rng(123)
@@ -138,7 +139,7 @@ def score(pipe, n: int) -> dict[str, float]:
         part = cases[i : i + 16]
         images += pipe([s.caption for s in chosen[i : i + 16]], image=[c for c, _ in part],
                        mask_image=[Image.fromarray(m.astype(np.uint8) * 255) for _, m in part],
-                       num_inference_steps=25, guidance_scale=4.0, generator=generator,
+                       num_inference_steps=25, guidance_scale=cfg, generator=generator,
                        height=SIZE, width=SIZE).images  # fmt: skip
     errors = [np.abs(np.asarray(img, np.float64) - np.asarray(c, np.float64))[~m].mean()
               for img, (c, m) in zip(images, cases, strict=True)]  # fmt: skip
@@ -160,20 +161,28 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--base", type=Path, required=True, help="a trained demo export")
     p.add_argument("--samples-train", type=int, default=4000, help="two-shape images to train on")
+    p.add_argument(
+        "--objective",
+        default="flow_pretrained",
+        help="the base's (the demo trains by rectified flow; ddpm_pretrained else)",
+    )
     p.add_argument("--steps", type=int, default=1200)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--samples", type=int, default=96)
+    p.add_argument("--cfg", type=float, default=1.5, help="guidance (the demo's; 4 for DDPM)")
     p.add_argument("--out", type=Path, default=Path("outputs/inpaint-bench"))
     args = p.parse_args()
     export, seconds = train(args)
-    results = {"cpu": cpu_model(), "steps": args.steps, "lr": args.lr, "train_s": round(seconds)}
+    results = {"cpu": cpu_model(), "objective": args.objective, "cfg": args.cfg,
+               "steps": args.steps, "lr": args.lr, "train_s": round(seconds)}  # fmt: skip
     for name, path in (("inpaint", export), ("base", args.base)):
         pipe = AutoPipelineForInpainting.from_pipe(
             DiffusionPipeline.from_pretrained(path, safety_checker=None)
         )
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        if args.objective == "ddpm_pretrained":  # a flow base samples with its own scheduler
+            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
-        results[name] = score(pipe, args.samples)
+        results[name] = score(pipe, args.samples, args.cfg)
         print(name, results[name], flush=True)
     (args.out / "inpaint_shapes.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))

@@ -106,6 +106,25 @@ def test_ddpm_fixed_levels_and_zero_terminal_snr():
     u = torch.tensor([0.0625, 0.9375])
     noised = diffusion.DDPM(s).at_levels(torch.zeros(2, 4, 2, 2), torch.ones(2, 4, 2, 2), u)
     assert noised.timesteps.tolist() == [62, 937]
-    zero = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                         rescale_betas_zero_snr=True, prediction_type="v_prediction")
+    zero = DDPMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        rescale_betas_zero_snr=True,
+        prediction_type="v_prediction",
+    )
     assert float(zero.alphas_cumprod[-1]) < 1e-6 < float(s.alphas_cumprod[-1])
+
+
+def test_a_flow_base_scheduler_is_refused_naming_the_flow_objective(tmp_path):
+    """A flow-trained export's scheduler/ (DPM++ with flow sigmas) loads as a DDPMScheduler:
+    the DDPM objective refuses it when built, not at the first training step."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction",
+                                flow_shift=3.0).save_pretrained(tmp_path)  # fmt: skip
+    scheduler = DDPMScheduler.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="trained by rectified flow; use model/objective="
+                       "flow_pretrained"):  # fmt: skip
+        diffusion.DDPM(scheduler)
+    diffusion.DDPM(DDPMScheduler())  # an epsilon schedule is taken

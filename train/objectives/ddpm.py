@@ -7,6 +7,8 @@ not provide (min-SNR weights per target, offset noise) is written here.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
@@ -73,7 +75,26 @@ class DDPM:
         snr_gamma: float | None = None,
         offset_noise: float = 0.0,
     ) -> None:
+        kind = scheduler.config.prediction_type
+        if kind == "flow_prediction" or scheduler.config.get("use_flow_sigmas"):
+            # A flow base's scheduler/ (ours: DPM++ with flow sigmas) loads as a DDPMScheduler
+            # too; caught here, not at the first training step.
+            raise ValueError(
+                f"the DDPM objective got a scheduler with prediction_type={kind!r} (flow "
+                "sigmas): the base was trained by rectified flow; use "
+                "model/objective=flow_pretrained"
+            )
         self.scheduler, self.snr_gamma, self.offset = scheduler, snr_gamma, offset_noise
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str, subfolder: str = "scheduler", **kwargs: Any
+    ) -> DDPM:
+        """The objective of a pretrained DDPM pipeline: its ``scheduler/`` noise schedule and
+        prediction type (epsilon for SD 1.5, v for SD 2.x 768); ``kwargs``: the training-only
+        settings (min-SNR gamma, offset noise)."""
+        where = {"subfolder": subfolder}
+        return cls(DDPMScheduler.from_pretrained(pretrained_model_name_or_path, **where), **kwargs)
 
     @property
     def num_train_timesteps(self) -> int:
