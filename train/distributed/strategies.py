@@ -117,15 +117,21 @@ class FSDPStrategy(_LightningFSDP):
         run's: its frozen base comes from model.base again). Lightning's own asks the files for
         every key of the module and fails on the first one they lack; this asks only for what
         the files hold, then loads the optimizer states as Lightning does."""
-        from lightning.fabric.strategies.fsdp import _get_sharded_state_dict_context
         from lightning.pytorch.trainer.states import TrainerFn
         from torch.distributed.checkpoint import FileSystemReader, load
         from torch.distributed.checkpoint.optimizer import load_sharded_optimizer_state_dict
-        from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.distributed.fsdp import FullyShardedDataParallel, StateDictType
+        from torch.distributed.fsdp.api import ShardedOptimStateDictConfig, ShardedStateDictConfig
 
         saved = set(FileSystemReader(path).read_metadata().state_dict_metadata)
         fitting = self.lightning_module.trainer.state.fn == TrainerFn.FITTING
-        with _get_sharded_state_dict_context(self.model):
+        # The sharded state-dict context Lightning's save and load use (host-memory shards).
+        sharded = FullyShardedDataParallel.state_dict_type(
+            self.model, StateDictType.SHARDED_STATE_DICT,
+            ShardedStateDictConfig(offload_to_cpu=True),
+            ShardedOptimStateDictConfig(offload_to_cpu=True),
+        )  # fmt: skip
+        with sharded:
             state = {k: v for k, v in self.model.state_dict().items() if f"model.{k}" in saved}
             load({"model": state}, storage_reader=FileSystemReader(path))
             self.model.load_state_dict(state, strict=False)
