@@ -12,6 +12,7 @@ import torch
 from cli_runner import run_cli
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
 from PIL import Image, ImageDraw
+from safetensors.torch import save_file
 
 from train.cli.sample import load_pipeline, main
 
@@ -30,6 +31,12 @@ def images(tmp_path_factory) -> dict[str, Path]:
     init.save(paths["init"])
     mask.save(paths["mask"])
     mask.convert("RGB").save(paths["rgb_mask"])
+    # A LoHa in the kohya / LyCORIS layout: diffusers' kohya loader cannot apply it.
+    paths["loha"] = root / "loha.safetensors"
+    loha = {f"lora_unet_mid_block_attentions_0_proj_in.{k}": torch.ones(2, 2)
+            for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")}  # fmt: skip
+    save_file({**loha, "lora_unet_mid_block_attentions_0_proj_in.alpha": torch.tensor(2.0)},
+              str(paths["loha"]))  # fmt: skip
     return paths
 
 
@@ -95,6 +102,7 @@ def test_inpainting_is_diffusers_inpainting_with_the_mask(tiny_run, images, tmp_
         (["--init-image", "{export}/model_index.json"], "is not an image PIL can read"),
         (["--lora", "{missing}"], "--lora {missing} is neither a .safetensors file"),
         (["--lora-scale", "0.5"], "--lora-scale needs --lora"),
+        (["--lora", "{loha}"], "is a LoHa in the kohya / LyCORIS layout, which diffusers'"),
     ],
 )
 def test_bad_image_arguments_are_refused_naming_the_flag(

@@ -238,8 +238,29 @@ def test_perturbed_lora_reloads_the_same_whatever_its_alpha(alpha, tiny_run, dem
             pipe.unload_lora_weights()
 
 
-KOHYA_REFUSAL = {"dora": "DoRA has no kohya form", "loha": "not LoHaConfig",
-                 "lokr": "not LoKrConfig"}  # fmt: skip
+def lycoris_merged(unet: UNet2DConditionModel, file: Path) -> UNet2DConditionModel:
+    """`unet` with the kohya / LyCORIS file merged in by LyCORIS' own kohya loader (the network
+    module kohya's scripts load LoHa, LoKr and DoRA files with)."""
+    from lycoris.kohya import LycorisNetworkKohya, create_network_from_weights
+
+    # LyCORIS 4.1.3 builds a default network first, and on a diffusers UNet its targets meet
+    # time_embedding twice (its class list and its name list): an assertion, not our file's.
+    targets = [m for m in LycorisNetworkKohya.UNET_TARGET_REPLACE_MODULE
+               if m != "TimestepEmbedding"]  # fmt: skip
+    state = load_file(file)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(LycorisNetworkKohya, "UNET_TARGET_REPLACE_MODULE", targets)
+        network, _ = create_network_from_weights(1.0, None, None, None, unet, weights_sd=state)
+    assert len(network.unet_loras) == len({k.split(".")[0] for k in state})  # every module read
+    network.merge_to(None, unet, state, torch.float32, "cpu")
+    return unet
+
+
+KOHYA_KEYS = {"lora": {"lora_down.weight", "lora_up.weight"},
+              "dora": {"lora_down.weight", "lora_up.weight", "dora_scale"},
+              "loha": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"},
+              # w2 whole in the small layers, low-rank (w2_a, w2_b) in the wider ones
+              "lokr": {"lokr_w1", "lokr_w2", "lokr_w2_a", "lokr_w2_b"}}  # fmt: skip
 
 
 @pytest.mark.parametrize("adapter", ["lora", "dora", "loha", "lokr"])
@@ -261,10 +282,15 @@ def test_adapter_variants_export(adapter, tiny_run, demo_shards, tmp_path) -> No
         merged = UNet2DConditionModel.from_pretrained(tmp_path / "merged", subfolder="unet")
         # Folding the update into the weights rounds differently from adding it after: 1e-4.
         torch.testing.assert_close(merged(*inputs).sample, trained, rtol=0, atol=1e-4)
-        if adapter != "lora":
-            with pytest.raises(ConfigError, match=f"{KOHYA_REFUSAL[adapter]}.*diffusers-lora"):
-                export_kohya(module, tmp_path / "kohya")
-            assert not (tmp_path / "kohya").exists()
+        # The kohya / LyCORIS file: ComfyUI's names, the kind's keys, LyCORIS' reading of it.
+        export_kohya(module, tmp_path / "kohya")
+        file = tmp_path / "kohya" / "lora.safetensors"
+        state = load_file(file)
+        assert {k.split(".")[0] for k in state} <= comfyui_lora_names(pipe.unet)
+        assert {k.split(".", 1)[1] for k in state} - {"alpha"} == KOHYA_KEYS[adapter]
+        fresh = UNet2DConditionModel.from_pretrained(base, subfolder="unet").eval()
+        reloaded = lycoris_merged(fresh, file)(*inputs).sample
+        torch.testing.assert_close(reloaded, trained, rtol=0, atol=1e-4)
         if adapter in ("loha", "lokr"):
             with pytest.raises(ConfigError, match="LoRA and DoRA adapters only.*merged"):
                 module.export_lora(tmp_path / "lora")
@@ -273,10 +299,36 @@ def test_adapter_variants_export(adapter, tiny_run, demo_shards, tmp_path) -> No
         pipe.load_lora_weights(tmp_path / "lora")
         torch.testing.assert_close(pipe.unet(*inputs).sample, trained, rtol=0, atol=1e-5)
         if adapter == "lora":  # every weight moved: the kohya file's A, B and alpha all count
-            export_kohya(module, tmp_path / "kohya")
             pipe.unload_lora_weights()
             pipe.load_lora_weights(tmp_path / "kohya")
             torch.testing.assert_close(pipe.unet(*inputs).sample, trained, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("adapter", ["loha", "lokr"])
+def test_lycoris_alpha_is_the_trained_scale_times_the_rank(adapter, tiny_run, demo_shards,
+                                                           tmp_path) -> None:  # fmt: skip
+    """At alpha != rank each module's alpha / rank is peft's scale, the rule ComfyUI's and
+    A1111's LoHa / LoKr loaders apply (LyCORIS 4.1.3's own merge squares it, so its numeric
+    check above runs at alpha = rank); a LoKr whose factors are both whole carries the scale
+    in w1 (those tools then take scale 1)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    base = tiny_run[0] / "export"
+    module = perturbed_module(tmp_path, base, demo_shards, adapter, "model.backbone.adapter.r=4")
+    export_kohya(module, tmp_path / "kohya")
+    state = load_file(tmp_path / "kohya" / "lora.safetensors")
+    layers = {f"lora_unet_{n.replace('.', '_')}": m for n, m in module.trainable.named_modules()
+              if isinstance(m, BaseTunerLayer)}  # fmt: skip
+    for name, layer in layers.items():
+        scale = layer.scaling["default"]
+        weights = {k.split(".", 1)[1]: v for k, v in state.items() if k.split(".")[0] == name}
+        assert scale == 2.0  # alpha 8, r 4
+        if "hada_w1_b" in weights or "lokr_w2_a" in weights:
+            rank = weights["hada_w1_b"] if "hada_w1_b" in weights else weights["lokr_w2_b"]
+            assert weights["alpha"].item() == scale * rank.shape[0]
+        else:  # LoKr with both factors whole
+            assert weights["alpha"].item() == 1.0
+            torch.testing.assert_close(weights["lokr_w1"], layer.lokr_w1["default"] * scale)
 
 
 def test_ldm_export_writes_every_format_of_an_adapter_checkpoint(lora_run, tiny_run, tmp_path):

@@ -92,8 +92,8 @@ def export_checkpoint(
     from the checkpoint's parts spec (diffusers configs); a checkpoint from before the spec
     existed, or of an adapter run (whose base loads from `model.base`), goes through its saved
     config. ``fmt``: ``merged`` (a whole pipeline; an adapter merged into its base) or
-    ``diffusers-lora`` (an adapter run's LoRA in diffusers' format) or ``kohya`` (the same LoRA
-    as one file in the layout A1111 and ComfyUI load)."""
+    ``diffusers-lora`` (an adapter run's LoRA in diffusers' format) or ``kohya`` (the adapter, LoRA,
+    DoRA, LoHa or LoKr, as one file in the kohya / LyCORIS layout A1111 and ComfyUI load)."""
     from train.util import atomic_dir
 
     ckpt = load_checkpoint(ckpt_path, allow_pickle)
@@ -202,9 +202,10 @@ def main(argv: list[str] | None = None) -> None:
         choices=("merged", *ADAPTER_FORMATS, "single-file"),
         default="merged",
         help="merged (default): a whole diffusers pipeline, an adapter merged into its base; "
-        "diffusers-lora: an adapter run's LoRA for pipe.load_lora_weights; kohya: the same LoRA "
-        "as OUT/lora.safetensors for A1111's and ComfyUI's lora folders; single-file: an "
-        "SD-1.x/2.x/SDXL model as one checkpoint file for A1111's and ComfyUI's checkpoints",
+        "diffusers-lora: an adapter run's LoRA for pipe.load_lora_weights; kohya: the adapter "
+        "(LoRA, DoRA, LoHa, LoKr) as OUT/lora.safetensors for A1111's and ComfyUI's lora "
+        "folders; single-file: an SD-1.x/2.x/SDXL model as one checkpoint file for A1111's and "
+        "ComfyUI's checkpoints",
     )
     parser.add_argument(
         "--any-shape",

@@ -74,6 +74,25 @@ def check_arguments(args: argparse.Namespace) -> None:
         if not (has_weights or (lora.is_file() and lora.suffix == ".safetensors")):
             raise ConfigError(f"--lora {lora} is neither a .safetensors file nor a folder with "
                               "one (an export's lora/ or lora_kohya/ folder)")  # fmt: skip
+        check_lora_kind(lora)
+
+
+def check_lora_kind(lora: Path) -> None:
+    """ConfigError for a LyCORIS file (DoRA, LoHa, LoKr in the kohya layout): diffusers' kohya
+    loader drops or refuses those weights, so the images would not be the trained model's."""
+    from safetensors import safe_open
+
+    from train.exports.kohya_lora import lycoris_kind
+
+    for file in [lora] if lora.is_file() else sorted(lora.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            kind = lycoris_kind(list(f.keys()))
+        if kind:
+            raise ConfigError(
+                f"--lora {file} is a {kind} in the kohya / LyCORIS layout, which diffusers' "
+                "loader does not apply (ComfyUI and A1111 do); sample the run's merged export"
+                + (", or --lora its diffusers-lora folder (lora/)" if kind == "DoRA" else "")
+            )
 
 
 def read_image(path: str, flag: str, size: int | None, mask: bool = False) -> Image.Image:
