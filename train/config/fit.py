@@ -49,6 +49,7 @@ def check_adapter_strategy(cfg: DictConfig) -> None:
     adapter = OmegaConf.select(cfg, "model.backbone.adapter", default=None)
     strategy = cfg.get("strategy") or {}
     target = str(strategy.get("_target_", "")) if isinstance(strategy, DictConfig) else ""
+    check_text_adapter_strategy(cfg, target)
     if not isinstance(adapter, DictConfig) or not target.endswith("FSDPStrategy"):
         return
     kind = str(adapter.get("_target_", "")).rsplit(".", 1)[-1]
@@ -59,6 +60,22 @@ def check_adapter_strategy(cfg: DictConfig) -> None:
             f"model.backbone.adapter is {kind} and the strategy is FSDP, which shards a LoRA "
             "only: use model/backbone/adapter=lora with strategy=fsdp, or keep the adapter with "
             "strategy=deepspeed_zero3 (or ddp, deepspeed_zero2)"
+        )
+
+
+def check_text_adapter_strategy(cfg: DictConfig, target: str) -> None:
+    """A text-encoder adapter trains on the encoder every rank holds whole (the frozen parts are
+    never sharded, and rank 0 alone encodes the prompts of previews and exports): under ZeRO-3
+    or FSDP its weights would be shards that rank 0 cannot run alone."""
+    if not isinstance(OmegaConf.select(cfg, "model.conditioner.adapter", default=None),
+                      DictConfig):  # fmt: skip
+        return
+    stage = OmegaConf.select(cfg, "strategy.stage", default=None)
+    if target.endswith("FSDPStrategy") or (target.endswith("DeepSpeedStrategy") and stage == 3):
+        raise ConfigError(
+            f"model.conditioner.adapter trains the text encoder, which {target.rsplit('.', 1)[-1]}"
+            f"{' stage 3' if stage == 3 else ''} would shard; train it under strategy=ddp, "
+            "deepspeed_zero1 or deepspeed_zero2, or keep the adapter on the denoiser alone"
         )
 
 

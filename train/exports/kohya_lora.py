@@ -19,6 +19,7 @@ from torch import nn
 from train.models.adapters import ADAPTER, adapter_config, has_adapter
 
 PREFIX = "lora_unet"
+TEXT_PREFIX = "lora_te"  # SD 1.x/2.x's one text encoder (SDXL's two: lora_te1, lora_te2)
 # The marks of the LyCORIS kinds (keys diffusers' kohya loader does not apply).
 LYCORIS_MARKS = ("dora_scale", "hada_w1_a", "lokr_w1", "lokr_w1_a")
 _LOHA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
@@ -41,10 +42,27 @@ def kohya_problem(model: nn.Module) -> str | None:
     return None
 
 
-def kohya_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter of a UNet (``model``, a diffusers model with a peft adapter) in kohya keys,
-    each module's alpha chosen so that the tools' alpha / rank is peft's trained scale (also
-    under rank_pattern, alpha_pattern and rsLoRA)."""
+def text_prefix(model: nn.Module) -> str:
+    """The kohya prefix of a CLIP text encoder's modules: kohya names them from transformers 4's
+    CLIPTextModel, whose layers sit under ``text_model.``; transformers 5 dropped that level."""
+    return TEXT_PREFIX if hasattr(model, "text_model") else f"{TEXT_PREFIX}_text_model"
+
+
+def text_encoder_problem(model: nn.Module) -> str | None:
+    """Why a text encoder's adapter has no kohya form (None when it has one): the tools map
+    ``lora_te_`` keys onto a CLIP text model's layers only."""
+    kind = type(model).__name__
+    if kind != "CLIPTextModel":
+        return (f"the kohya format's text-encoder keys are a CLIPTextModel's; a {kind}'s "
+                "adapter is written in the diffusers-lora format")  # fmt: skip
+    return kohya_problem(model)
+
+
+def kohya_state(model: nn.Module, prefix: str = PREFIX) -> dict[str, torch.Tensor]:
+    """The adapter of a UNet (``model``, a diffusers model with a peft adapter; or with
+    ``prefix="lora_te"`` a CLIP text encoder) in kohya keys, each module's alpha chosen so that
+    the tools' alpha / rank is peft's trained scale (also under rank_pattern, alpha_pattern and
+    rsLoRA)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     problem = kohya_problem(model)
@@ -53,7 +71,7 @@ def kohya_state(model: nn.Module) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for name, module in model.named_modules():
         if isinstance(module, BaseTunerLayer) and ADAPTER in module.scaling:
-            key = f"{PREFIX}_{name.replace('.', '_')}"
+            key = f"{prefix}_{name.replace('.', '_')}"
             weights = _module_weights(module)
             state.update({f"{key}.{k}": v.detach().float().contiguous().cpu()
                           for k, v in weights.items()})  # fmt: skip

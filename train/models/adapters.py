@@ -18,18 +18,20 @@ from train.errors import ConfigError
 ADAPTER = "default"  # peft's adapter name: one adapter per run
 
 
-def attach(model: nn.Module, config: Any) -> nn.Module:
+def attach(model: nn.Module, config: Any, setting: str = "model.backbone.adapter") -> nn.Module:
     """Freeze ``model`` and add the adapter ``config`` describes (a peft ``PeftConfig``); only
     the adapter's parameters train, in float32 whatever the base's dtype (as diffusers'
-    ``cast_training_params`` does: bf16 adapter updates lose the small steps)."""
+    ``cast_training_params`` does: bf16 adapter updates lose the small steps). ``setting``: the
+    config key of the adapter, for messages. diffusers' models and transformers' both take
+    peft configs in ``add_adapter``."""
     model.requires_grad_(False)
     try:
-        model.add_adapter(copy.deepcopy(config), adapter_name=ADAPTER)
+        _add_adapter(model, copy.deepcopy(config))
     except ValueError as e:
         if "not found in the base model" not in str(e):
             raise
         raise ConfigError(
-            f"model.backbone.adapter.target_modules={sorted(config.target_modules)} matches no "
+            f"{setting}.target_modules={sorted(config.target_modules)} matches no "
             f"module of the {type(model).__name__}; its adaptable layers end in: "
             f"{', '.join(layer_suffixes(model))}"
         ) from None
@@ -37,6 +39,21 @@ def attach(model: nn.Module, config: Any) -> nn.Module:
         if p.requires_grad:
             p.data = p.data.float()
     return model
+
+
+def _add_adapter(model: nn.Module, config: Any) -> None:
+    """diffusers' ``add_adapter``; for other models (transformers' text encoders, whose own
+    ``add_adapter`` asks for a newer peft than the registries have) peft's injection, which
+    diffusers' method wraps, with the same ``peft_config`` record."""
+    from diffusers import ModelMixin
+
+    if isinstance(model, ModelMixin):
+        model.add_adapter(config, adapter_name=ADAPTER)
+        return
+    from peft import inject_adapter_in_model
+
+    inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+    model.peft_config = {ADAPTER: config}
 
 
 def layer_suffixes(model: nn.Module) -> list[str]:
@@ -108,7 +125,7 @@ def merged(model: nn.Module) -> nn.Module:
             module.merge(adapter_names=[ADAPTER])
     _unwrap_tuner_layers(out)
     for attr in ("peft_config", "_hf_peft_config_loaded"):
-        if hasattr(out, attr):
+        if attr in vars(out):  # set on the instance (the classes may define a default)
             delattr(out, attr)
     return out.requires_grad_(False)
 

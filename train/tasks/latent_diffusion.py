@@ -66,7 +66,13 @@ class LatentDiffusion(L.LightningModule):
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.caption_dropout, self.noise_seed = caption_dropout, noise_seed
         vae.requires_grad_(False).eval()
-        conditioner.requires_grad_(False)
+        if getattr(conditioner, "adapter", None) is None:
+            conditioner.requires_grad_(False)
+        else:
+            check_text_adapter(backbone)
+            # Registered, unlike the frozen parts: DDP then reduces the adapter's gradients and
+            # the checkpoint holds its weights (the encoder's frozen base stays out of both).
+            self.trained_conditioner = conditioner
         # With an adapter, checkpoints hold only what trains; the base comes from model.base.
         self.strict_loading = backbone.adapter is None
         self._val = FixedLevelLoss(validation_levels)
@@ -95,7 +101,8 @@ class LatentDiffusion(L.LightningModule):
         super()._apply(fn, recurse)
         if recurse:
             self.vae._apply(fn)
-            self.conditioner._apply(fn)
+            if getattr(self, "trained_conditioner", None) is None:  # else moved as a child
+                self.conditioner._apply(fn)
         return self
 
     def on_fit_start(self) -> None:
@@ -247,6 +254,8 @@ class LatentDiffusion(L.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.trainable.parameters() if p.requires_grad]
+        if getattr(self, "trained_conditioner", None) is not None:  # a text-encoder adapter
+            params += [p for p in self.trained_conditioner.parameters() if p.requires_grad]
         return optimizer_config(params, self.optimizer_factory, self.lr_scheduler_factory)
 
     def model_from_state(self, state: dict[str, torch.Tensor]) -> nn.Module:
@@ -325,6 +334,17 @@ def check_shift_factor(backbone: Backbone, vae: AutoencoderKL) -> None:
             f"{backbone.pipeline_class} decodes latents / scaling_factor + shift_factor but the "
             "VAE's shift_factor is null; set model.vae.shift_factor (0.0 for a VAE trained "
             "here; SD3's and Flux's VAEs ship theirs)"
+        )
+
+
+def check_text_adapter(backbone: Backbone) -> None:
+    """ConfigError for a text-encoder adapter without the backbone's: the LoRA files, the
+    adapter-only checkpoints and the kohya layout are for an adapter run (as in kohya's and
+    diffusers' scripts, the text encoder's LoRA trains beside the UNet's)."""
+    if backbone.adapter is None:
+        raise ConfigError(
+            "model.conditioner.adapter trains a LoRA on the text encoder beside the denoiser's, "
+            "but model.backbone.adapter is null; fine-tune with experiment=lora (which sets it)"
         )
 
 

@@ -23,13 +23,20 @@ def scheduler_of(objective: Any, name: str) -> Any:
     return getattr(diffusers, name).from_config(objective.scheduler_config())
 
 
-def build(module: Any, scheduler: Any = None, model: torch.nn.Module | None = None) -> Any:
-    """The pipeline (components shared, not copied); `model` replaces the trained one."""
+def build(
+    module: Any, scheduler: Any = None, model: torch.nn.Module | None = None, merge: bool = False
+) -> Any:
+    """The pipeline (components shared, not copied); `model` replaces the trained one;
+    ``merge``: a text encoder with an adapter as a merged copy (what an export writes)."""
     backbone = module.backbone
+    text = module.conditioner.pipeline_parts()
+    if merge:
+        text = {k: adapters.merged(v) if isinstance(v, torch.nn.Module) and adapters.has_adapter(v)
+                else v for k, v in text.items()}  # fmt: skip
     parts = {
         backbone.component: model if model is not None else backbone.model,
         "vae": module.vae,
-        **module.conditioner.pipeline_parts(),
+        **text,
         **backbone.frozen_parts(),
         "scheduler": scheduler
         or scheduler_of(module.objective, module.objective.preview_scheduler),
@@ -93,14 +100,21 @@ def preview(
 
 def export(module: Any, out_dir: str | Path, model: torch.nn.Module | None = None) -> Path:
     """Write the diffusers folder (safetensors) with the objective's export scheduler;
-    replaces `out_dir` atomically. A model with an adapter is written merged into its base."""
+    replaces `out_dir` atomically. A model (and a text encoder) with an adapter is written
+    merged into its base."""
     scheduler = scheduler_of(module.objective, module.objective.export_scheduler)
     model = model if model is not None else module.trainable
     if adapters.has_adapter(model):
         model = adapters.merged(model)
     with atomic_dir(out_dir) as tmp:
-        build(module, scheduler, model).save_pretrained(tmp, safe_serialization=True)
+        build(module, scheduler, model, merge=True).save_pretrained(tmp, safe_serialization=True)
     return Path(out_dir)
+
+
+def text_adapter_model(module: Any) -> torch.nn.Module | None:
+    """The text encoder whose adapter trains (a text-encoder LoRA), or None."""
+    conditioner = getattr(module, "trained_conditioner", None)
+    return None if conditioner is None else conditioner.model
 
 
 def lora_format_problem(module: Any, model: torch.nn.Module | None = None) -> str | None:
@@ -112,9 +126,11 @@ def lora_format_problem(module: Any, model: torch.nn.Module | None = None) -> st
     pipeline = module.backbone.pipeline_class
     if not hasattr(getattr(diffusers, pipeline), "save_lora_weights"):
         return f"{pipeline} has no LoRA format in diffusers"
-    if not adapters.is_lora(model):
-        kind = type(adapters.adapter_config(model)).__name__
-        return f"diffusers' LoRA format holds LoRA and DoRA adapters only, not {kind}"
+    text = text_adapter_model(module)
+    for part in (model, *([text] if text is not None else [])):
+        if not adapters.is_lora(part):
+            kind = type(adapters.adapter_config(part)).__name__
+            return f"diffusers' LoRA format holds LoRA and DoRA adapters only, not {kind}"
     return None
 
 
@@ -132,6 +148,10 @@ def export_lora(module: Any, out_dir: str | Path, model: torch.nn.Module | None 
         f"{name}_lora_layers": adapters.adapter_state(model),
         f"{name}_lora_adapter_metadata": adapters.adapter_metadata(model),
     }
+    text = text_adapter_model(module)
+    if text is not None:  # the text encoder's LoRA, which load_lora_weights restores too
+        layers["text_encoder_lora_layers"] = adapters.adapter_state(text)
+        layers["text_encoder_lora_adapter_metadata"] = adapters.adapter_metadata(text)
     with atomic_dir(out_dir) as tmp:
         pipeline.save_lora_weights(tmp, **layers, safe_serialization=True)
     return Path(out_dir)
@@ -146,6 +166,11 @@ def kohya_format_problem(module: Any, model: torch.nn.Module | None = None) -> s
     if module.backbone.component != "unet":
         return (f"the kohya format is for UNet LoRAs; ComfyUI loads a {module.backbone.component}"
                 " LoRA in the diffusers-lora format")  # fmt: skip
+    text = text_adapter_model(module)
+    if text is not None:
+        problem = kohya_lora.text_encoder_problem(text)
+        if problem:
+            return problem
     return kohya_lora.kohya_problem(model if model is not None else module.trainable)
 
 
@@ -160,6 +185,9 @@ def export_kohya(module: Any, out_dir: str | Path, model: torch.nn.Module | None
     if problem:
         raise ConfigError(f"{problem}; export --format diffusers-lora or merged instead")
     state = kohya_lora.kohya_state(model)
+    text = text_adapter_model(module)
+    if text is not None:
+        state.update(kohya_lora.kohya_state(text, kohya_lora.text_prefix(text)))
     meta = kohya_lora.kohya_metadata(model, getattr(module, "base", None))
     with atomic_dir(out_dir) as tmp:
         save_file(state, str(tmp / KOHYA_FILE), metadata=meta)

@@ -84,6 +84,8 @@ def finetune_tags(module: Any) -> dict[str, str]:
     others): the base model as given and that base's content hash, so that what it wrote names
     the exact weights it belongs to, plus an adapter's kind, rank, alpha and targets."""
     tags = adapter_tags(getattr(getattr(module, "backbone", None), "adapter", None))
+    text = getattr(getattr(module, "trained_conditioner", None), "adapter", None)
+    tags.update(adapter_tags(text, "text_encoder_adapter"))
     base = getattr(module, "base", None)
     if base:
         tags["base_model"] = str(base)
@@ -91,17 +93,17 @@ def finetune_tags(module: Any) -> dict[str, str]:
     return tags
 
 
-def adapter_tags(config: Any) -> dict[str, str]:
+def adapter_tags(config: Any, prefix: str = "adapter") -> dict[str, str]:
     """A peft adapter config's kind, rank, alpha and targets as tags ({} for None)."""
     if config is None:
         return {}
-    tags = {"adapter.type": type(config).__name__}
+    tags = {f"{prefix}.type": type(config).__name__}
     for key, tag in (("r", "rank"), ("lora_alpha", "alpha"), ("alpha", "alpha"),
                      ("use_dora", "use_dora"), ("target_modules", "target_modules")):  # fmt: skip
         value = getattr(config, key, None)
-        if value is not None and f"adapter.{tag}" not in tags:
+        if value is not None and f"{prefix}.{tag}" not in tags:
             value = sorted(value) if isinstance(value, set) else value
-            tags[f"adapter.{tag}"] = str(value)[:5000]
+            tags[f"{prefix}.{tag}"] = str(value)[:5000]
     return tags
 
 

@@ -4,13 +4,18 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Any
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from train.config.resolvers import minilm_dir  # noqa: F401 - re-exported: callers import it from here
+from train.errors import ConfigError
+from train.models import adapters
 from train.models.conditioning import Conditioning
+
+ADAPTER_SETTING = "model.conditioner.adapter"
 
 
 class FrozenTextEncoder(nn.Module):
@@ -27,9 +32,12 @@ class FrozenTextEncoder(nn.Module):
         tokenizer: PreTrainedTokenizerBase,
         use_attention_mask: bool | None = False,
         cache_size: int = 0,
+        adapter: Any = None,
     ) -> None:
         """``use_attention_mask=None`` keeps the loaded encoder's own setting (a pipeline's text
-        encoder exported with it), else False."""
+        encoder exported with it), else False. ``adapter``: a peft config (``LoraConfig``) that
+        trains on the frozen encoder (a text-encoder LoRA, as kohya's and diffusers' LoRA
+        scripts train beside the UNet's)."""
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
@@ -38,8 +46,17 @@ class FrozenTextEncoder(nn.Module):
         self.model.config.use_attention_mask = use_attention_mask
         self.model.requires_grad_(False)
         self.model.eval()
-        # The encoder is frozen, so its output is a pure function of the token ids: with few
-        # distinct captions (small or synthetic sets) caching skips most encoder passes.
+        self.adapter = adapter
+        if adapter is not None:
+            if cache_size:
+                raise ConfigError(
+                    f"model.conditioner.cache_size={cache_size} caches the encoder's outputs, but "
+                    f"{ADAPTER_SETTING} trains the encoder, so they change every step; set "
+                    "model.conditioner.cache_size=0"
+                )
+            adapters.attach(model, adapter, ADAPTER_SETTING)
+        # A frozen encoder's output is a pure function of the token ids: with few distinct
+        # captions (small or synthetic sets) caching skips most encoder passes.
         self.cache_size = cache_size
         self._cache: OrderedDict[tuple[str, bytes], torch.Tensor] = OrderedDict()
 
@@ -63,6 +80,12 @@ class FrozenTextEncoder(nn.Module):
         hidden states (`ldm-data encode` shards) when the batch has them, else the captions'
         tokens (tokenized in the loader workers, or here)."""
         if "encoder_hidden_states" in batch:
+            if self.adapter is not None:
+                raise ConfigError(
+                    f"{ADAPTER_SETTING} trains the text encoder, but the shards hold its outputs "
+                    "(encoder_hidden_states, written by ldm-data encode); train on shards with "
+                    "captions, or without the text-encoder adapter"
+                )
             cond = Conditioning(
                 batch["encoder_hidden_states"], mask=batch.get("encoder_attention_mask")
             )
@@ -81,8 +104,9 @@ class FrozenTextEncoder(nn.Module):
         return super()._apply(fn, recurse)
 
     def null(self) -> Conditioning:
-        """The empty prompt's conditioning [1, ...], computed once."""
-        if getattr(self, "_null", None) is None:
+        """The empty prompt's conditioning [1, ...], computed once (each time for an encoder
+        whose adapter trains)."""
+        if getattr(self, "_null", None) is None or self.adapter is not None:
             empty = self.tokenize([""])
             device = next(self.model.parameters()).device
             ids, mask = empty["input_ids"].to(device), empty["attention_mask"].to(device)
@@ -103,11 +127,15 @@ class FrozenTextEncoder(nn.Module):
             return_tensors="pt",
         )
 
-    @torch.no_grad()
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Token ids [B, L] -> hidden states [B, L, D] (the pipeline's `prompt_embeds`)."""
+        """Token ids [B, L] -> hidden states [B, L, D] (the pipeline's `prompt_embeds`); with
+        gradients for the adapter only when it trains."""
+        with torch.set_grad_enabled(self.adapter is not None and torch.is_grad_enabled()):
+            return self._encode(input_ids, attention_mask)
+
+    def _encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         mask = attention_mask if self.model.config.use_attention_mask else None
         if self.cache_size <= 0:
             return self.model(input_ids, attention_mask=mask)[0]
