@@ -30,3 +30,30 @@ def finetune_overrides(
         "callbacks.progress=null",
         *extra,
     ]
+
+
+def resumed_from_step_2(run_dir: Path, root: Path, overrides) -> tuple[dict, dict]:
+    """A copy of the finished 4-step `run_dir` without its last checkpoints, resumed from its
+    step-2 one under `root` (``overrides(ckpt_path)``: that run's overrides): the uninterrupted
+    run's last checkpoint and the resumed run's, after checking both stop at step 4 with the
+    same bit-identical weights."""
+    import shutil
+
+    import torch
+    from cli_runner import run_cli
+
+    from train.cli.train import main
+
+    copy = root / "runs" / run_dir.name
+    shutil.copytree(run_dir, copy)
+    for name in ("last.ckpt", "step_0000004.ckpt"):
+        (copy / "checkpoints" / name).unlink()
+    proc = run_cli(main, ["ldm-train", *overrides(copy / "checkpoints" / "step_0000002.ckpt")])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ref = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    got = torch.load(copy / "checkpoints" / "last.ckpt", weights_only=False)
+    assert got["global_step"] == ref["global_step"] == 4
+    assert ref["state_dict"].keys() == got["state_dict"].keys()
+    for k, v in ref["state_dict"].items():
+        assert torch.equal(v, got["state_dict"][k]), k
+    return ref, got

@@ -5,14 +5,13 @@ trained strength (alpha != rank), equal to the merged export and to the trained 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from cli_runner import run_cli
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-from finetune_runs import finetune_overrides
+from finetune_runs import finetune_overrides, resumed_from_step_2
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -174,24 +173,9 @@ def test_base_hash_changes_with_any_file_of_the_base(tmp_path) -> None:
 def test_resume_from_an_adapter_checkpoint_matches_the_uninterrupted_run(
     lora_run, demo_shards, tmp_path
 ) -> None:
-    from train.cli.train import main
-
     run_dir, base = lora_run
-    copy = tmp_path / "runs" / run_dir.name
-    shutil.copytree(run_dir, copy)
-    for name in ("last.ckpt", "step_0000004.ckpt"):
-        (copy / "checkpoints" / name).unlink()
-    step2 = copy / "checkpoints" / "step_0000002.ckpt"
-    args = lora_overrides(tmp_path, base, demo_shards, "callbacks/ema=default",
-                          f"ckpt_path={step2}")  # fmt: skip
-    proc = run_cli(main, ["ldm-train", *args])
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    ref = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
-    got = torch.load(copy / "checkpoints" / "last.ckpt", weights_only=False)
-    assert got["global_step"] == ref["global_step"] == 4
-    assert ref["state_dict"].keys() == got["state_dict"].keys()
-    for k, v in ref["state_dict"].items():
-        assert torch.equal(v, got["state_dict"][k]), k
+    ref, got = resumed_from_step_2(run_dir, tmp_path, lambda step2: lora_overrides(
+        tmp_path, base, demo_shards, "callbacks/ema=default", f"ckpt_path={step2}"))  # fmt: skip
     ref_ema, got_ema = (c["callbacks"]["EMA"] for c in (ref, got))
     assert got_ema["updates"] == ref_ema["updates"] == 4
     assert all(torch.equal(v, got_ema["state"][k]) for k, v in ref_ema["state"].items())

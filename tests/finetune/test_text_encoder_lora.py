@@ -6,14 +6,13 @@ export's `text_encoder/`."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from cli_runner import run_cli
 from diffusers import StableDiffusionPipeline
-from finetune_runs import finetune_overrides
+from finetune_runs import finetune_overrides, resumed_from_step_2
 from hydra.utils import instantiate
 from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -128,22 +127,8 @@ def test_the_kohya_file_has_the_names_comfyui_maps_onto_clip(text_lora_run) -> N
 
 def test_resume_from_step_2_ends_with_the_same_adapters(text_lora_run, clip_base, demo_shards,
                                                         tmp_path) -> None:  # fmt: skip
-    from train.cli.train import main
-
-    copy = tmp_path / "runs" / text_lora_run.name
-    shutil.copytree(text_lora_run, copy)
-    for name in ("last.ckpt", "step_0000004.ckpt"):
-        (copy / "checkpoints" / name).unlink()
-    args = run_args(tmp_path, clip_base, demo_shards,
-                    f"ckpt_path={copy / 'checkpoints' / 'step_0000002.ckpt'}")  # fmt: skip
-    proc = run_cli(main, ["ldm-train", *args])
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    ref = torch.load(text_lora_run / "checkpoints" / "last.ckpt", weights_only=False)
-    got = torch.load(copy / "checkpoints" / "last.ckpt", weights_only=False)
-    assert got["global_step"] == ref["global_step"] == 4
-    assert ref["state_dict"].keys() == got["state_dict"].keys()
-    for k, v in ref["state_dict"].items():
-        assert torch.equal(v, got["state_dict"][k]), k
+    resumed_from_step_2(text_lora_run, tmp_path, lambda step2: run_args(
+        tmp_path, clip_base, demo_shards, f"ckpt_path={step2}"))  # fmt: skip
 
 
 def test_mlflow_lineage_names_the_text_encoder_adapter(clip_base, demo_shards, tmp_path):
