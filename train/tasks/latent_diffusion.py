@@ -19,13 +19,13 @@ from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel
 
 from train.distributed.sharding import clean_name
-from train.errors import ConfigError
 from train.models import adapters
 from train.models.backbones.base import Backbone
 from train.models.conditioning import Conditioning
 from train.models.parts import FrozenParts, vae_scale_factor
 from train.objectives.base import per_sample_mse, stratified_levels
 from train.tasks import inpainting, pipelines
+from train.tasks.fit_checks import check_shift_factor, check_text_adapter
 from train.tasks.optim import OptimizerFactory, SchedulerFactory, optimizer_config
 from train.tasks.rng import SampleRNG, row_offset
 from train.tasks.validation import FixedLevelLoss, rows_of_rank, sample_ids, select_rows
@@ -324,28 +324,6 @@ class LatentDiffusion(L.LightningModule):
                     f"the checkpoint lacks {len(missing)} of the adapter's weights ({missing[0]}"
                     ", ...): it was written for another adapter (target modules, rank) or model"
                 )
-
-
-def check_shift_factor(backbone: Backbone, vae: AutoencoderKL) -> None:
-    """ConfigError when the backbone's pipeline decodes with a shift_factor the VAE lacks
-    (decoding would fail at the first preview, after training started)."""
-    if backbone.needs_shift_factor and vae.config.get("shift_factor") is None:
-        raise ConfigError(
-            f"{backbone.pipeline_class} decodes latents / scaling_factor + shift_factor but the "
-            "VAE's shift_factor is null; set model.vae.shift_factor (0.0 for a VAE trained "
-            "here; SD3's and Flux's VAEs ship theirs)"
-        )
-
-
-def check_text_adapter(backbone: Backbone) -> None:
-    """ConfigError for a text-encoder adapter without the backbone's: the LoRA files, the
-    adapter-only checkpoints and the kohya layout are for an adapter run (as in kohya's and
-    diffusers' scripts, the text encoder's LoRA trains beside the UNet's)."""
-    if backbone.adapter is None:
-        raise ConfigError(
-            "model.conditioner.adapter trains a LoRA on the text encoder beside the denoiser's, "
-            "but model.backbone.adapter is null; fine-tune with experiment=lora (which sets it)"
-        )
 
 
 def batch_sizes(batch: dict, like: torch.Tensor) -> torch.Tensor | None:
