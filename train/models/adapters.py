@@ -42,12 +42,13 @@ def attach(model: nn.Module, config: Any, setting: str = "model.backbone.adapter
 
 
 def _add_adapter(model: nn.Module, config: Any) -> None:
-    """diffusers' ``add_adapter``; for other models (transformers' text encoders, whose own
-    ``add_adapter`` asks for a newer peft than the registries have) peft's injection, which
-    diffusers' method wraps, with the same ``peft_config`` record."""
+    """diffusers' ``add_adapter``; for other models (PixArt's transformer, which lacks diffusers'
+    peft mixin, and transformers' text encoders, whose own ``add_adapter`` asks for a newer peft
+    than the registries have) peft's injection, which diffusers' method wraps, with the same
+    ``peft_config`` record."""
     from diffusers import ModelMixin
 
-    if isinstance(model, ModelMixin):
+    if isinstance(model, ModelMixin) and hasattr(model, "add_adapter"):
         model.add_adapter(config, adapter_name=ADAPTER)
         return
     from peft import inject_adapter_in_model

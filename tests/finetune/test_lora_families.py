@@ -1,0 +1,86 @@
+"""LoRA presets for the other families (`experiment=lora_sdxl`, `lora_sd3`, `lora_flux`,
+`lora_pixart`) from a pretrained
+folder of that family (the tiny parts, saved first): the family pipeline's own
+`load_lora_weights` on the run's `lora/` (and for SDXL on its kohya file) and the merged export
+generate what the trained module's pipeline generates, and unlike the base."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from cli_runner import run_cli
+from diffusers import DiffusionPipeline
+from finetune_runs import finetune_overrides
+
+from train.cli.export import build_module, module_from_checkpoint
+from train.config.compose import compose
+from train.tasks.pipelines import scheduler_of
+
+PROMPT = "a red circle at the top left on a white background"
+# family: (the tiny base's experiment, extra overrides, kohya file written)
+FAMILIES = {
+    "sdxl": ("sdxl_tiny", (), True),
+    # The tiny base's T5 length (model.conditioner.max_sequence_length).
+    "sd3": ("sd3_tiny", ("model.conditioner.max_sequence_length=32",), False),
+    "flux": ("flux_tiny", ("model.conditioner.max_sequence_length=32",
+                           "model.backbone.sample_size=8"), False),
+    # The tiny base encodes with MiniLM and trains by flow (PixArt-Sigma: T5 and DDPM).
+    "pixart": ("pixart_tiny", ("model/conditioner=pretrained", "model/objective=flow_pretrained"),
+               False),
+}  # fmt: skip
+NO_LORA_LOADER = {"pixart"}  # diffusers' PixArt pipeline has no load_lora_weights
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family_run(request, tmp_path_factory, demo_shards) -> tuple[str, Path, Path]:
+    """(family, base folder, run folder): a random tiny base of the family saved as a diffusers
+    folder, and a 4-step LoRA run (rank 4, alpha 8) over it."""
+    from train.cli.train import main
+
+    family = request.param
+    tiny, extra, _ = FAMILIES[family]
+    cfg = compose([f"experiment={tiny}"])
+    base = build_module(cfg.model, cfg.seed).export(tmp_path_factory.mktemp(family) / "base")
+    args = finetune_overrides(f"lora_{family}", tmp_path_factory.mktemp(f"lora-{family}"), base,
+                              demo_shards, "model.backbone.adapter.r=4",
+                              "model.backbone.adapter.lora_alpha=8", *extra)  # fmt: skip
+    proc = run_cli(main, ["ldm-train", *args])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return family, base, Path(compose(args).paths.run_dir)
+
+
+def latents(pipe, kwargs: dict) -> torch.Tensor:
+    """The pipeline's final latents for PROMPT (2 steps, a fixed seed), before the VAE;
+    ``kwargs``: the call arguments the run's previews pass (T5 lengths, PixArt's binning)."""
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(0)
+    out = pipe(PROMPT, num_inference_steps=2, guidance_scale=2.0, height=16, width=16,
+               generator=generator, output_type="latent", **kwargs)  # fmt: skip
+    return out.images
+
+
+def test_the_family_pipeline_loads_the_lora_at_the_trained_strength(family_run) -> None:
+    family, base, run = family_run
+    module, _ = module_from_checkpoint(run / "checkpoints" / "last.ckpt")
+    kwargs = {**module.backbone.pipeline_call_kwargs(),
+              **getattr(module.conditioner, "pipeline_call_kwargs", dict)()}  # fmt: skip
+    with torch.no_grad():
+        # With the scheduler the export writes (previews may sample with another).
+        scheduler = scheduler_of(module.objective, module.objective.export_scheduler)
+        trained = latents(module.pipeline(scheduler), kwargs)
+        pipe = DiffusionPipeline.from_pretrained(base)
+        assert type(pipe).__name__ == module.backbone.pipeline_class
+        assert (latents(pipe, kwargs) - trained).abs().max() > 1e-3  # the LoRA changed it
+        folders = ("lora", "lora_kohya") if FAMILIES[family][2] else ("lora",)
+        assert (run / "lora").exists() == (family not in NO_LORA_LOADER)
+        if family in NO_LORA_LOADER:
+            folders = ()
+        assert (run / "lora_kohya").exists() == FAMILIES[family][2]
+        for folder in folders:
+            pipe.load_lora_weights(run / folder)
+            torch.testing.assert_close(latents(pipe, kwargs), trained, rtol=0, atol=1e-5)
+            pipe.unload_lora_weights()
+        merged = DiffusionPipeline.from_pretrained(run / "export")
+        torch.testing.assert_close(latents(merged, kwargs), trained, rtol=0, atol=1e-4)
