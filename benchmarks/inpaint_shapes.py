@@ -16,7 +16,7 @@ corner for a corner caption, nothing for a centre one. Scored: the shapes checke
 (a 4-channel UNet: latents blended outside the mask) is the baseline.
 
     python benchmarks/inpaint_shapes.py --base outputs/runs/demo-STAMP/export \
-        [--steps 1200] [--lr 3e-4] [--out outputs/inpaint-bench]
+        [--masks random|object] [--masked-loss] [--steps 1200] [--lr 3e-4] [--out DIR]
 """
 
 from __future__ import annotations
@@ -62,7 +62,28 @@ def overlay(image: Image.Image, top: Image.Image, background: tuple[int, int, in
     return Image.fromarray(arr)
 
 
-def write_two_shape_shards(out: Path, n: int, seed: int = 0) -> Path:
+def object_mask(spec: ShapeSpec, rng: np.random.Generator, full: float = 0.25) -> Image.Image:
+    """A box around the captioned shape (jittered: half side 0.18-0.26, centre within 0.04 of
+    the position), the mask an object-inpainting data set pairs with the object's caption; a
+    whole-image mask for a `full` share (the model keeps plain text-to-image)."""
+    if rng.random() < full:
+        return Image.new("L", (SIZE, SIZE), 255)
+    cx, cy = np.asarray(POSITIONS[spec.position]) + rng.uniform(-0.04, 0.04, 2)
+    half = rng.uniform(0.18, 0.26)
+    ys, xs = (np.mgrid[0:SIZE, 0:SIZE] + 0.5) / SIZE
+    box = (np.abs(xs - cx) < half) & (np.abs(ys - cy) < half)
+    return Image.fromarray(box.astype(np.uint8) * 255)
+
+
+def png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_two_shape_shards(out: Path, n: int, seed: int = 0, masks: bool = False) -> Path:
+    """Two-shape images with the caption of one; ``masks``: with an object mask member each
+    (KEY.mask.png) over the captioned shape."""
     from data.shapes import train_specs
     from data.shards import write_shards
 
@@ -75,17 +96,20 @@ def write_two_shape_shards(out: Path, n: int, seed: int = 0) -> Path:
             image = render(spec, SIZE, rng)
             other = render(second_shape(spec, rng), SIZE, rng)
             image = overlay(image, other, BACKGROUNDS[spec.background])
-            buf = io.BytesIO()
-            image.save(buf, format="PNG")
-            yield {"__key__": f"{i:08d}", "png": buf.getvalue(), "txt": spec.caption}
+            sample = {"__key__": f"{i:08d}", "png": png(image), "txt": spec.caption}
+            if masks:
+                sample["mask.png"] = png(object_mask(spec, rng))
+            yield sample
 
     write_shards(samples(), str(out / "two-%06d.tar"), 1000)
     return out
 
 
 def train(args: argparse.Namespace) -> tuple[Path, float]:
-    shards = write_two_shape_shards(args.out / "data", args.samples_train)
-    overrides = [
+    object_masks = args.masks == "object"
+    shards = write_two_shape_shards(args.out / "data", args.samples_train, masks=object_masks)
+    overrides = [*(["+data/mask=member"] if object_masks else []),
+        *(["model.backbone.masked_loss=true"] if args.masked_loss else []),
         "experiment=inpaint", f"model/objective={args.objective}",
         f"model.base={args.base}", f"data.urls={shards}",
         f"data.resolution={SIZE}", "data.batch_size=16", "logger=none", f"paths.root={args.out}",
@@ -166,6 +190,11 @@ def main() -> None:
         default="flow_pretrained",
         help="the base's (the demo trains by rectified flow; ddpm_pretrained else)",
     )
+    p.add_argument("--masks", choices=("random", "object"), default="random",
+                   help="random: the preset's boxes, strokes and whole images; object: a "
+                   "box over the captioned shape (a shard member), a whole image for a "
+                   "quarter")  # fmt: skip
+    p.add_argument("--masked-loss", action="store_true", help="model.backbone.masked_loss=true")
     p.add_argument("--steps", type=int, default=1200)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--samples", type=int, default=96)
@@ -174,7 +203,8 @@ def main() -> None:
     args = p.parse_args()
     export, seconds = train(args)
     results = {"cpu": cpu_model(), "objective": args.objective, "cfg": args.cfg,
-               "steps": args.steps, "lr": args.lr, "train_s": round(seconds)}  # fmt: skip
+               "masks": args.masks, "masked_loss": args.masked_loss, "steps": args.steps,
+               "lr": args.lr, "train_s": round(seconds)}  # fmt: skip
     for name, path in (("inpaint", export), ("base", args.base)):
         pipe = AutoPipelineForInpainting.from_pipe(
             DiffusionPipeline.from_pretrained(path, safety_checker=None)
