@@ -13,6 +13,7 @@ import torch
 from cli_runner import run_cli
 from diffusers import DiffusionPipeline
 from finetune_runs import finetune_overrides
+from safetensors.torch import load_file
 
 from train.cli.export import build_module, module_from_checkpoint
 from train.config.compose import compose
@@ -21,7 +22,8 @@ from train.tasks.pipelines import scheduler_of
 PROMPT = "a red circle at the top left on a white background"
 # family: (the tiny base's experiment, extra overrides, kohya file written)
 FAMILIES = {
-    "sdxl": ("sdxl_tiny", (), True),
+    # With a LoRA on both text encoders too (lora_te1_ / lora_te2_ in the kohya file).
+    "sdxl": ("sdxl_tiny", ("model/conditioner/adapter=lora",), True),
     # The tiny base's T5 length (model.conditioner.max_sequence_length).
     "sd3": ("sd3_tiny", ("model.conditioner.max_sequence_length=32",), False),
     "flux": ("flux_tiny", ("model.conditioner.max_sequence_length=32",
@@ -82,5 +84,9 @@ def test_the_family_pipeline_loads_the_lora_at_the_trained_strength(family_run) 
             pipe.load_lora_weights(run / folder)
             torch.testing.assert_close(latents(pipe, kwargs), trained, rtol=0, atol=1e-5)
             pipe.unload_lora_weights()
+        if family == "sdxl":  # ComfyUI's SDXL names: clip_l as lora_te1_, clip_g as lora_te2_
+            names = {k.split(".")[0] for k in load_file(run / "lora_kohya" / "lora.safetensors")}
+            for te in ("lora_te1", "lora_te2"):
+                assert any(n.startswith(f"{te}_text_model_encoder_layers_") for n in names)
         merged = DiffusionPipeline.from_pretrained(run / "export")
         torch.testing.assert_close(latents(merged, kwargs), trained, rtol=0, atol=1e-4)

@@ -20,6 +20,7 @@ from train.models.adapters import ADAPTER, adapter_config, has_adapter
 
 PREFIX = "lora_unet"
 TEXT_PREFIX = "lora_te"  # SD 1.x/2.x's one text encoder (SDXL's two: lora_te1, lora_te2)
+CLIP_TEXT_MODELS = ("CLIPTextModel", "CLIPTextModelWithProjection")
 # The marks of the LyCORIS kinds (keys diffusers' kohya loader does not apply).
 LYCORIS_MARKS = ("dora_scale", "hada_w1_a", "lokr_w1", "lokr_w1_a")
 _LOHA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
@@ -42,18 +43,23 @@ def kohya_problem(model: nn.Module) -> str | None:
     return None
 
 
-def text_prefix(model: nn.Module) -> str:
-    """The kohya prefix of a CLIP text encoder's modules: kohya names them from transformers 4's
-    CLIPTextModel, whose layers sit under ``text_model.``; transformers 5 dropped that level."""
-    return TEXT_PREFIX if hasattr(model, "text_model") else f"{TEXT_PREFIX}_text_model"
+def text_prefix(model: nn.Module, part: str, encoders: int) -> str:
+    """The kohya prefix of a CLIP text encoder's modules (``part``: its pipeline name, of
+    ``encoders`` encoders with adapters): ``lora_te`` for SD's one, ``lora_te1`` / ``lora_te2``
+    for SDXL's two; kohya names the layers from transformers 4's CLIP models, whose layers sit
+    under ``text_model.``, a level transformers 5 dropped."""
+    prefix = TEXT_PREFIX
+    if encoders > 1 or part != "text_encoder":
+        prefix += "2" if part == "text_encoder_2" else "1"
+    return prefix if hasattr(model, "text_model") else f"{prefix}_text_model"
 
 
 def text_encoder_problem(model: nn.Module) -> str | None:
     """Why a text encoder's adapter has no kohya form (None when it has one): the tools map
     ``lora_te_`` keys onto a CLIP text model's layers only."""
     kind = type(model).__name__
-    if kind != "CLIPTextModel":
-        return (f"the kohya format's text-encoder keys are a CLIPTextModel's; a {kind}'s "
+    if kind not in CLIP_TEXT_MODELS:
+        return (f"the kohya format's text-encoder keys are a CLIP text model's; a {kind}'s "
                 "adapter is written in the diffusers-lora format")  # fmt: skip
     return kohya_problem(model)
 

@@ -111,10 +111,12 @@ def export(module: Any, out_dir: str | Path, model: torch.nn.Module | None = Non
     return Path(out_dir)
 
 
-def text_adapter_model(module: Any) -> torch.nn.Module | None:
-    """The text encoder whose adapter trains (a text-encoder LoRA), or None."""
+def text_adapters(module: Any) -> dict[str, torch.nn.Module]:
+    """The text encoders whose adapter trains (a text-encoder LoRA), by pipeline name."""
     conditioner = getattr(module, "trained_conditioner", None)
-    return None if conditioner is None else conditioner.model
+    parts = conditioner.pipeline_parts() if conditioner is not None else {}
+    return {name: part for name, part in parts.items()
+            if isinstance(part, torch.nn.Module) and adapters.has_adapter(part)}  # fmt: skip
 
 
 def lora_format_problem(module: Any, model: torch.nn.Module | None = None) -> str | None:
@@ -126,8 +128,7 @@ def lora_format_problem(module: Any, model: torch.nn.Module | None = None) -> st
     pipeline = module.backbone.pipeline_class
     if not hasattr(getattr(diffusers, pipeline), "save_lora_weights"):
         return f"{pipeline} has no LoRA format in diffusers"
-    text = text_adapter_model(module)
-    for part in (model, *([text] if text is not None else [])):
+    for part in (model, *text_adapters(module).values()):
         if not adapters.is_lora(part):
             kind = type(adapters.adapter_config(part)).__name__
             return f"diffusers' LoRA format holds LoRA and DoRA adapters only, not {kind}"
@@ -148,10 +149,9 @@ def export_lora(module: Any, out_dir: str | Path, model: torch.nn.Module | None 
         f"{name}_lora_layers": adapters.adapter_state(model),
         f"{name}_lora_adapter_metadata": adapters.adapter_metadata(model),
     }
-    text = text_adapter_model(module)
-    if text is not None:  # the text encoder's LoRA, which load_lora_weights restores too
-        layers["text_encoder_lora_layers"] = adapters.adapter_state(text)
-        layers["text_encoder_lora_adapter_metadata"] = adapters.adapter_metadata(text)
+    for part, text in text_adapters(module).items():  # load_lora_weights restores these too
+        layers[f"{part}_lora_layers"] = adapters.adapter_state(text)
+        layers[f"{part}_lora_adapter_metadata"] = adapters.adapter_metadata(text)
     with atomic_dir(out_dir) as tmp:
         pipeline.save_lora_weights(tmp, **layers, safe_serialization=True)
     return Path(out_dir)
@@ -166,8 +166,7 @@ def kohya_format_problem(module: Any, model: torch.nn.Module | None = None) -> s
     if module.backbone.component != "unet":
         return (f"the kohya format is for UNet LoRAs; ComfyUI loads a {module.backbone.component}"
                 " LoRA in the diffusers-lora format")  # fmt: skip
-    text = text_adapter_model(module)
-    if text is not None:
+    for text in text_adapters(module).values():
         problem = kohya_lora.text_encoder_problem(text)
         if problem:
             return problem
@@ -185,9 +184,9 @@ def export_kohya(module: Any, out_dir: str | Path, model: torch.nn.Module | None
     if problem:
         raise ConfigError(f"{problem}; export --format diffusers-lora or merged instead")
     state = kohya_lora.kohya_state(model)
-    text = text_adapter_model(module)
-    if text is not None:
-        state.update(kohya_lora.kohya_state(text, kohya_lora.text_prefix(text)))
+    texts = text_adapters(module)
+    for part, text in texts.items():
+        state.update(kohya_lora.kohya_state(text, kohya_lora.text_prefix(text, part, len(texts))))
     meta = kohya_lora.kohya_metadata(model, getattr(module, "base", None))
     with atomic_dir(out_dir) as tmp:
         save_file(state, str(tmp / KOHYA_FILE), metadata=meta)

@@ -8,11 +8,15 @@ Built exactly as `StableDiffusionXLPipeline.encode_prompt` builds `prompt_embeds
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from transformers import CLIPTextModelWithProjection, PreTrainedModel, PreTrainedTokenizerBase
 
 from train.errors import ConfigError
+from train.models import adapters
+from train.models.conditioners.text import ADAPTER_SETTING, refuse_encoded
 from train.models.conditioning import Conditioning
 
 SETTING = "model.conditioner"
@@ -34,7 +38,10 @@ class SDXLTextEncoders(nn.Module):
         text_encoder_2: CLIPTextModelWithProjection,
         tokenizer_1: PreTrainedTokenizerBase,
         tokenizer_2: PreTrainedTokenizerBase,
+        adapter: Any = None,
     ) -> None:
+        """``adapter``: a peft config (``LoraConfig``) trained on both frozen encoders (kohya's
+        and diffusers' SDXL LoRA scripts train both beside the UNet)."""
         super().__init__()
         check_encoders(text_encoder_1, text_encoder_2, tokenizer_1, tokenizer_2)
         self.text_encoder_1, self.text_encoder_2 = text_encoder_1, text_encoder_2
@@ -42,6 +49,10 @@ class SDXLTextEncoders(nn.Module):
         self.requires_grad_(False)
         self.train(False)
         self.pooled_size = int(text_encoder_2.config.projection_dim)
+        self.adapter = adapter
+        if adapter is not None:
+            for encoder in (text_encoder_1, text_encoder_2):
+                adapters.attach(encoder, adapter, ADAPTER_SETTING)
 
     @property
     def hidden_size(self) -> int:
@@ -61,6 +72,7 @@ class SDXLTextEncoders(nn.Module):
         """The batch's conditioning; rows with `drop` [B] get the empty prompt's. Precomputed
         embeddings (`ldm-data encode` shards: emb.npy and pooled.npy) when the batch has them."""
         if "encoder_hidden_states" in batch:
+            refuse_encoded(self.adapter)
             if "pooled_embeds" not in batch:
                 raise ValueError(
                     "these latent shards have no pooled.npy (encoded with a conditioner without "
@@ -80,6 +92,8 @@ class SDXLTextEncoders(nn.Module):
         instead guide with all-zero embeddings (what SDXL base was trained with), so the UNet
         adapter ships SDXL pipelines with it set to False: sampling then encodes "" too.
         """
+        if self.adapter is not None:  # the encoders train: their empty prompt moves too
+            return self.encode_prompts([""])
         if getattr(self, "_null", None) is None:
             self._null = self.encode_prompts([""])
         return self._null
@@ -92,10 +106,14 @@ class SDXLTextEncoders(nn.Module):
         # Frozen: dropout stays off even when Lightning puts the LightningModule in train mode.
         return super().train(False)
 
-    @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         """`encode_prompt` without guidance: hidden [B, L, D1 + D2] (each encoder's
-        penultimate layer), pooled [B, P] (the second encoder's `text_embeds`)."""
+        penultimate layer), pooled [B, P] (the second encoder's `text_embeds`); with gradients
+        for the adapter only when it trains."""
+        with torch.set_grad_enabled(self.adapter is not None and torch.is_grad_enabled()):
+            return self._encode_prompts(prompts)
+
+    def _encode_prompts(self, prompts: list[str]) -> Conditioning:
         hidden, out = [], None
         for tokenizer, encoder in ((self.tokenizer_1, self.text_encoder_1),
                                    (self.tokenizer_2, self.text_encoder_2)):  # fmt: skip

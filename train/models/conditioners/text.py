@@ -80,12 +80,7 @@ class FrozenTextEncoder(nn.Module):
         hidden states (`ldm-data encode` shards) when the batch has them, else the captions'
         tokens (tokenized in the loader workers, or here)."""
         if "encoder_hidden_states" in batch:
-            if self.adapter is not None:
-                raise ConfigError(
-                    f"{ADAPTER_SETTING} trains the text encoder, but the shards hold its outputs "
-                    "(encoder_hidden_states, written by ldm-data encode); train on shards with "
-                    "captions, or without the text-encoder adapter"
-                )
+            refuse_encoded(self.adapter)
             cond = Conditioning(
                 batch["encoder_hidden_states"], mask=batch.get("encoder_attention_mask")
             )
@@ -153,6 +148,16 @@ class FrozenTextEncoder(nn.Module):
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         return out
+
+
+def refuse_encoded(adapter: Any) -> None:
+    """ConfigError for precomputed encoder outputs when the encoder's adapter trains."""
+    if adapter is not None:
+        raise ConfigError(
+            f"{ADAPTER_SETTING} trains the text encoder, but the shards hold its outputs "
+            "(encoder_hidden_states, written by ldm-data encode); train on shards with "
+            "captions, or without the text-encoder adapter"
+        )
 
 
 def long_prompts_note(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> str | None:
