@@ -169,11 +169,14 @@ def test_two_processes_train_resume_and_export_like_one(
     ours, ref = grad_norms(tmp_path, "val/loss"), grad_norms(reference["root"], "val/loss")
     assert [s for s, _ in ours] == [s for s, _ in ref] and len(ours) == 2  # steps 2, 4
     assert [v for _, v in ours] == pytest.approx([v for _, v in ref], rel=1e-5)
-    # The UNet's image metrics: each rank generated half the images, one number results.
-    for key in ("eval/fid", "eval/kid", "eval/clip_score") if with_eval else ():
+    # The UNet's image metrics: each rank generated half the images, one number results. KID,
+    # a difference of kernel means over a few samples, amplifies the weights' float noise from
+    # the gathered shards: rel 2.1e-5 under FSDP on an Intel Xeon (AMX kernels), so 1e-4.
+    metrics = {"eval/fid": 1e-5, "eval/kid": 1e-4, "eval/clip_score": 1e-5}
+    for key, rel in metrics.items() if with_eval else ():
         ours, ref = grad_norms(tmp_path, key), grad_norms(reference["root"], key)
         assert [s for s, _ in ours] == [2, 4] and [s for s, _ in ref] == [4], key
-        assert ours[-1][1] == pytest.approx(ref[-1][1], rel=1e-5, abs=1e-7), key
+        assert ours[-1][1] == pytest.approx(ref[-1][1], rel=rel, abs=1e-7), key
     previews = sorted(p.name for p in (run / "samples").iterdir())
     assert previews == ["final.png", "step_0000001.png", "step_0000003.png"]
     # The export written at the end of training (right after a validation pass, which leaves
