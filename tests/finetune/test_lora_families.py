@@ -24,10 +24,13 @@ PROMPT = "a red circle at the top left on a white background"
 FAMILIES = {
     # With a LoRA on both text encoders too (lora_te1_ / lora_te2_ in the kohya file).
     "sdxl": ("sdxl_tiny", ("model/conditioner/adapter=lora",), True),
-    # The tiny base's T5 length (model.conditioner.max_sequence_length).
-    "sd3": ("sd3_tiny", ("model.conditioner.max_sequence_length=32",), False),
+    # The tiny base's T5 length (model.conditioner.max_sequence_length); a LoRA on the CLIP
+    # encoders too (SD3's two, Flux's one; T5 stays frozen).
+    "sd3": ("sd3_tiny", ("model.conditioner.max_sequence_length=32",
+                         "model/conditioner/adapter=lora"), False),
     "flux": ("flux_tiny", ("model.conditioner.max_sequence_length=32",
-                           "model.backbone.sample_size=8"), False),
+                           "model.backbone.sample_size=8", "model/conditioner/adapter=lora"),
+             False),
     # The tiny base encodes with MiniLM and trains by flow (PixArt-Sigma: T5 and DDPM).
     "pixart": ("pixart_tiny", ("model/conditioner=pretrained", "model/objective=flow_pretrained"),
                False),
@@ -88,5 +91,15 @@ def test_the_family_pipeline_loads_the_lora_at_the_trained_strength(family_run) 
             names = {k.split(".")[0] for k in load_file(run / "lora_kohya" / "lora.safetensors")}
             for te in ("lora_te1", "lora_te2"):
                 assert any(n.startswith(f"{te}_text_model_encoder_layers_") for n in names)
+        if "model/conditioner/adapter=lora" in FAMILIES[family][1]:  # the text LoRA trained
+            state = load_file(run / "lora" / "pytorch_lora_weights.safetensors")
+            parts = {k.split(".")[0] for k in state if k.startswith("text_encoder")}
+            assert parts == ({"text_encoder"} if family == "flux" else
+                             {"text_encoder", "text_encoder_2"})  # fmt: skip
+            # Moved off zero in each encoder (not in every layer: a layer after the one whose
+            # states the denoiser reads gets no gradient unless it feeds the pooled embedding).
+            for part in parts:
+                assert any(v.abs().max() > 0 for k, v in state.items()
+                           if k.startswith(f"{part}.") and "lora_B" in k), part  # fmt: skip
         merged = DiffusionPipeline.from_pretrained(run / "export")
         torch.testing.assert_close(latents(merged, kwargs), trained, rtol=0, atol=1e-4)

@@ -3,6 +3,8 @@ T5 for the token states, exactly as `FluxPipeline.encode_prompt` runs them."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from train.errors import ConfigError
@@ -32,7 +34,9 @@ class FluxTextEncoders(FrozenTowers):
         text_encoder_2: PreTrainedModel,
         tokenizer_2: PreTrainedTokenizerBase,
         max_sequence_length: int = 512,
+        adapter: Any = None,
     ) -> None:
+        """``adapter``: a peft config (``LoraConfig``) trained on the CLIP encoder."""
         super().__init__()
         require_projection(text_encoder, f"{SETTING}.text_encoder", False, "FluxPipeline")
         require_vocab(text_encoder, tokenizer, f"{SETTING}.text_encoder")
@@ -47,7 +51,7 @@ class FluxTextEncoders(FrozenTowers):
         tokenizer_2.model_max_length = max_sequence_length
         self.hidden_size = width_of(text_encoder_2)
         self.pooled_size = width_of(text_encoder)
-        self.freeze()
+        self.freeze(adapter)
 
     @property
     def max_length(self) -> int:

@@ -9,6 +9,8 @@ place, W the transformer's joint_attention_dim, so training does the same.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -44,7 +46,9 @@ class SD3TextEncoders(FrozenTowers):
         tokenizer_3: PreTrainedTokenizerBase | None = None,
         max_sequence_length: int = 256,
         joint_attention_dim: int | None = None,
+        adapter: Any = None,
     ) -> None:
+        """``adapter``: a peft config (``LoraConfig``) trained on both CLIP encoders."""
         super().__init__()
         for name, model in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
             require_projection(model, f"{SETTING}.{name}", True, "StableDiffusion3Pipeline")
@@ -71,7 +75,7 @@ class SD3TextEncoders(FrozenTowers):
         self.pooled_size = int(text_encoder.config.projection_dim) + int(
             text_encoder_2.config.projection_dim
         )
-        self.freeze()
+        self.freeze(adapter)
 
     def _width(self, joint_attention_dim: int | None) -> int:
         """The joint width W: T5's, or (without T5) the transformer's, given here."""

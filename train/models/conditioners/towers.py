@@ -7,11 +7,15 @@ place so the families that share a tower share its exact call.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from train.errors import ConfigError
+from train.models import adapters
+from train.models.conditioners.text import ADAPTER_SETTING, refuse_encoded
 from train.models.conditioning import Conditioning
 
 
@@ -99,10 +103,22 @@ class FrozenTowers(nn.Module):
     hidden_size: int
     pooled_size: int | None
     max_length: int
+    adapter: Any = None
 
-    def freeze(self) -> None:
+    def freeze(self, adapter: Any = None) -> None:
+        """Freeze every tower; ``adapter`` (a peft config): a LoRA on the CLIP towers, the ones
+        diffusers' SD3 and Flux LoRA scripts train (T5 stays frozen)."""
         self.requires_grad_(False)
         super().train(False)
+        self.adapter = adapter
+        if adapter is not None:
+            for part in self.pipeline_parts().values():
+                if type(part).__name__.startswith("CLIPTextModel"):
+                    adapters.attach(part, adapter, ADAPTER_SETTING)
+
+    def _grad(self) -> Any:
+        """Gradients for the adapter only when it trains."""
+        return torch.set_grad_enabled(self.adapter is not None and torch.is_grad_enabled())
 
     def embed(self, prompts: list[str]) -> Conditioning:
         raise NotImplementedError
@@ -111,14 +127,19 @@ class FrozenTowers(nn.Module):
         """The batch's conditioning; rows with `drop` [B] get the empty prompt's. Precomputed
         embeddings (`ldm-data encode` shards) when the batch has them, else its captions'."""
         if "encoder_hidden_states" in batch:
+            refuse_encoded(self.adapter)
             cond = Conditioning(batch["encoder_hidden_states"], pooled=batch.get("pooled_embeds"))
         else:
-            with torch.no_grad():
+            with self._grad():
                 cond = self.embed(list(batch["caption"]))
         return cond if drop is None else cond.where(drop, self.null())
 
     def null(self) -> Conditioning:
-        """The empty prompt's conditioning [1, ...] (the pipelines' negative prompt), once."""
+        """The empty prompt's conditioning [1, ...] (the pipelines' negative prompt), once (each
+        time while an adapter trains the towers)."""
+        if self.adapter is not None:
+            with self._grad():
+                return self.embed([""])
         if getattr(self, "_null", None) is None:
             with torch.no_grad():
                 self._null = self.embed([""])
