@@ -22,8 +22,7 @@ def attach(model: nn.Module, config: Any, setting: str = "model.backbone.adapter
     """Freeze ``model`` and add the adapter ``config`` describes (a peft ``PeftConfig``); only
     the adapter's parameters train, in float32 whatever the base's dtype (as diffusers'
     ``cast_training_params`` does: bf16 adapter updates lose the small steps). ``setting``: the
-    config key of the adapter, for messages. diffusers' models and transformers' both take
-    peft configs in ``add_adapter``."""
+    config key of the adapter, for messages."""
     model.requires_grad_(False)
     try:
         _add_adapter(model, copy.deepcopy(config))

@@ -31,8 +31,7 @@ def build(
     backbone = module.backbone
     text = module.conditioner.pipeline_parts()
     if merge:
-        text = {k: adapters.merged(v) if isinstance(v, torch.nn.Module) and adapters.has_adapter(v)
-                else v for k, v in text.items()}  # fmt: skip
+        text.update({k: adapters.merged(v) for k, v in text_adapters(module).items()})
     parts = {
         backbone.component: model if model is not None else backbone.model,
         "vae": module.vae,

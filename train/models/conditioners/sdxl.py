@@ -16,7 +16,7 @@ from transformers import CLIPTextModelWithProjection, PreTrainedModel, PreTraine
 
 from train.errors import ConfigError
 from train.models import adapters
-from train.models.conditioners.text import ADAPTER_SETTING, refuse_encoded
+from train.models.conditioners.text import ADAPTER_SETTING, adapter_grad, refuse_encoded
 from train.models.conditioning import Conditioning
 
 SETTING = "model.conditioner"
@@ -110,7 +110,7 @@ class SDXLTextEncoders(nn.Module):
         """`encode_prompt` without guidance: hidden [B, L, D1 + D2] (each encoder's
         penultimate layer), pooled [B, P] (the second encoder's `text_embeds`); with gradients
         for the adapter only when it trains."""
-        with torch.set_grad_enabled(self.adapter is not None and torch.is_grad_enabled()):
+        with adapter_grad(self.adapter):
             return self._encode_prompts(prompts)
 
     def _encode_prompts(self, prompts: list[str]) -> Conditioning:

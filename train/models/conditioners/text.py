@@ -127,7 +127,7 @@ class FrozenTextEncoder(nn.Module):
     ) -> torch.Tensor:
         """Token ids [B, L] -> hidden states [B, L, D] (the pipeline's `prompt_embeds`); with
         gradients for the adapter only when it trains."""
-        with torch.set_grad_enabled(self.adapter is not None and torch.is_grad_enabled()):
+        with adapter_grad(self.adapter):
             return self._encode(input_ids, attention_mask)
 
     def _encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -148,6 +148,12 @@ class FrozenTextEncoder(nn.Module):
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         return out
+
+
+def adapter_grad(adapter: Any) -> torch.set_grad_enabled:
+    """A context that keeps gradients on (where they are) only for an encoder whose adapter
+    trains; a frozen encoder runs without them."""
+    return torch.set_grad_enabled(adapter is not None and torch.is_grad_enabled())
 
 
 def refuse_encoded(adapter: Any) -> None:

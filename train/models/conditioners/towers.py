@@ -15,7 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from train.errors import ConfigError
 from train.models import adapters
-from train.models.conditioners.text import ADAPTER_SETTING, refuse_encoded
+from train.models.conditioners.text import ADAPTER_SETTING, adapter_grad, refuse_encoded
 from train.models.conditioning import Conditioning
 
 
@@ -116,10 +116,6 @@ class FrozenTowers(nn.Module):
                 if type(part).__name__.startswith("CLIPTextModel"):
                     adapters.attach(part, adapter, ADAPTER_SETTING)
 
-    def _grad(self) -> Any:
-        """Gradients for the adapter only when it trains."""
-        return torch.set_grad_enabled(self.adapter is not None and torch.is_grad_enabled())
-
     def embed(self, prompts: list[str]) -> Conditioning:
         raise NotImplementedError
 
@@ -130,7 +126,7 @@ class FrozenTowers(nn.Module):
             refuse_encoded(self.adapter)
             cond = Conditioning(batch["encoder_hidden_states"], pooled=batch.get("pooled_embeds"))
         else:
-            with self._grad():
+            with adapter_grad(self.adapter):
                 cond = self.embed(list(batch["caption"]))
         return cond if drop is None else cond.where(drop, self.null())
 
@@ -138,7 +134,7 @@ class FrozenTowers(nn.Module):
         """The empty prompt's conditioning [1, ...] (the pipelines' negative prompt), once (each
         time while an adapter trains the towers)."""
         if self.adapter is not None:
-            with self._grad():
+            with adapter_grad(self.adapter):
                 return self.embed([""])
         if getattr(self, "_null", None) is None:
             with torch.no_grad():
