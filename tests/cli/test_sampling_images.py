@@ -88,6 +88,13 @@ def test_inpainting_is_diffusers_inpainting_with_the_mask(tiny_run, images, tmp_
     img2img = sample(export, tmp_path / "i2i.png", "--init-image", str(images["init"]),
                      "--strength", "0.75")  # fmt: skip
     assert not np.array_equal(got, img2img)  # the mask changed what was repainted
+    args = ("--init-image", str(images["init"]), "--mask", str(images["mask"]))
+    kept = sample(export, tmp_path / "kept.png", *args, "--strength", "0.75", "--keep-unmasked")
+    with Image.open(images["init"]) as init, Image.open(images["mask"]) as mask:
+        outside, init = np.asarray(mask) == 0, np.asarray(init.convert("RGB"))
+    assert not np.array_equal(got[outside], init[outside])  # the model alone changes them
+    np.testing.assert_array_equal(kept[outside], init[outside])
+    np.testing.assert_array_equal(kept[~outside], got[~outside])
 
 
 @pytest.mark.parametrize(
@@ -102,6 +109,11 @@ def test_inpainting_is_diffusers_inpainting_with_the_mask(tiny_run, images, tmp_
         (["--init-image", "{export}/model_index.json"], "is not an image PIL can read"),
         (["--lora", "{missing}"], "--lora {missing} is neither a .safetensors file"),
         (["--lora-scale", "0.5"], "--lora-scale needs --lora"),
+        (["--init-image", "{init}", "--keep-unmasked"], "--keep-unmasked applies to inpainting"),
+        (
+            ["--init-image", "{init}", "--mask", "{mask}", "--mask-blur", "2"],
+            "--mask-blur softens --keep-unmasked's seam",
+        ),
         (["--lora", "{loha}"], "is a LoHa in the kohya / LyCORIS layout, which diffusers'"),
     ],
 )

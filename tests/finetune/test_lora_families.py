@@ -2,7 +2,8 @@
 `lora_pixart`) from a pretrained
 folder of that family (the tiny parts, saved first): the family pipeline's own
 `load_lora_weights` on the run's `lora/` (and for SDXL on its kohya file) and the merged export
-generate what the trained module's pipeline generates, and unlike the base."""
+generate what the trained module's pipeline generates, and unlike the base; a LoRA on SD3's T5
+tower (`adapter=lora_t5`) ends merged in `text_encoder_3` alone."""
 
 from __future__ import annotations
 
@@ -28,6 +29,9 @@ FAMILIES = {
     # encoders too (SD3's two, Flux's one; T5 stays frozen).
     "sd3": ("sd3_tiny", ("model.conditioner.max_sequence_length=32",
                          "model/conditioner/adapter=lora"), False),
+    # A LoRA on SD3's T5 tower alone (diffusers' LoRA format holds none: merged export only).
+    "sd3_t5": ("sd3_tiny", ("model.conditioner.max_sequence_length=32",
+                            "model/conditioner/adapter=lora_t5"), False),
     "flux": ("flux_tiny", ("model.conditioner.max_sequence_length=32",
                            "model.backbone.sample_size=8", "model/conditioner/adapter=lora"),
              False),
@@ -35,7 +39,8 @@ FAMILIES = {
     "pixart": ("pixart_tiny", ("model/conditioner=pretrained", "model/objective=flow_pretrained"),
                False),
 }  # fmt: skip
-NO_LORA_LOADER = {"pixart"}  # diffusers' PixArt pipeline has no load_lora_weights
+# diffusers' PixArt pipeline has no load_lora_weights, its SD3 LoRA format no text_encoder_3
+NO_LORA_LOADER = {"pixart", "sd3_t5"}
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -48,7 +53,8 @@ def family_run(request, tmp_path_factory, demo_shards) -> tuple[str, Path, Path]
     tiny, extra, _ = FAMILIES[family]
     cfg = compose([f"experiment={tiny}"])
     base = build_module(cfg.model, cfg.seed).export(tmp_path_factory.mktemp(family) / "base")
-    args = finetune_overrides(f"lora_{family}", tmp_path_factory.mktemp(f"lora-{family}"), base,
+    preset = f"lora_{family.split('_')[0]}"
+    args = finetune_overrides(preset, tmp_path_factory.mktemp(f"lora-{family}"), base,
                               demo_shards, "model.backbone.adapter.r=4",
                               "model.backbone.adapter.lora_alpha=8", *extra)  # fmt: skip
     proc = run_cli(main, ["ldm-train", *args])
@@ -103,3 +109,10 @@ def test_the_family_pipeline_loads_the_lora_at_the_trained_strength(family_run) 
                            if k.startswith(f"{part}.") and "lora_B" in k), part  # fmt: skip
         merged = DiffusionPipeline.from_pretrained(run / "export")
         torch.testing.assert_close(latents(merged, kwargs), trained, rtol=0, atol=1e-4)
+    if family == "sd3_t5":  # the T5 tower's LoRA trained and is merged into text_encoder_3
+        t5, t5_base = merged.text_encoder_3.state_dict(), pipe.text_encoder_3.state_dict()
+        assert t5.keys() == t5_base.keys()  # merged: no LoRA layer left
+        moved = {k for k in t5 if not torch.equal(t5[k], t5_base[k])}
+        assert moved and all(k.rsplit(".", 2)[-2] in "qkvo" for k in moved), moved
+        clip, clip_base = merged.text_encoder.state_dict(), pipe.text_encoder.state_dict()
+        assert all(torch.equal(v, clip_base[k]) for k, v in clip.items())  # CLIP stayed frozen

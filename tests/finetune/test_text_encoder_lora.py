@@ -1,8 +1,8 @@
 """A LoRA on the text encoder beside the UNet's (`model/conditioner/adapter=lora`) over a base
 whose text encoder is a tiny CLIP: both adapters train, the checkpoint holds both and nothing of
-the base, and every export gives the trained encoder's output: diffusers' `load_lora_weights`
-on `lora/` and on the kohya file (`lora_te_*` keys, the names ComfyUI maps), and the merged
-export's `text_encoder/`."""
+the base, and every export gives the output of the encoder's EMA (the run keeps one):
+diffusers' `load_lora_weights` on `lora/` and on the kohya file (`lora_te_*` keys, the names
+ComfyUI maps), and the merged export's `text_encoder/`; a resumed run ends with the same EMA."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from hydra.utils import instantiate
 from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from train.cli.export import module_from_checkpoint
+from train.callbacks.ema import text_ema_from_checkpoint
+from train.cli.export import load_text_ema, module_from_checkpoint
 from train.config.compose import compose
 from train.config.fit import check_adapter_strategy
 from train.errors import ConfigError
@@ -27,6 +28,8 @@ from train.tracking.lineage import finetune_tags
 PROMPTS = ["a red circle at the top left on a white background", "a blue square"]
 TEXT_LORA = ("model/conditioner/adapter=lora", "model.conditioner.adapter.r=4",
              "model.conditioner.adapter.lora_alpha=8")  # fmt: skip
+# An EMA far from the live weights after 4 steps: the exports must carry the encoder's EMA.
+EMA = ("callbacks/ema=default", "callbacks.ema.decay=0.5")
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +51,7 @@ def clip_base(tiny_run, tmp_path_factory) -> Path:
 
 
 def run_args(root: Path, base: Path, shards: Path, *extra: str) -> list[str]:
-    return finetune_overrides("lora", root, base, shards, *TEXT_LORA, *extra)
+    return finetune_overrides("lora", root, base, shards, *TEXT_LORA, *EMA, *extra)
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +84,13 @@ def test_both_adapters_train_and_the_checkpoint_holds_only_them(text_lora_run) -
     assert all(v.abs().max() > 0 for k, v in text.items() if "lora_B" in k)
 
 
-def test_every_export_gives_the_trained_text_encoder(text_lora_run, clip_base) -> None:
-    module, _ = module_from_checkpoint(text_lora_run / "checkpoints/last.ckpt")
+def test_every_export_gives_the_text_encoders_ema(text_lora_run, clip_base) -> None:
+    ckpt = text_lora_run / "checkpoints/last.ckpt"
+    module, _ = module_from_checkpoint(ckpt)
+    live = encoded(module.conditioner.model, clip_base)
+    load_text_ema(module, torch.load(ckpt, weights_only=False))
     trained = encoded(module.conditioner.model, clip_base)
+    assert (trained - live).abs().max() > 1e-3  # the EMA is not the last step's adapter
     pipe = StableDiffusionPipeline.from_pretrained(clip_base, safety_checker=None)
     assert (encoded(pipe.text_encoder, clip_base) - trained).abs().max() > 1e-3
     for folder in ("lora", "lora_kohya"):  # diffusers' format, then its kohya converter
@@ -127,8 +134,11 @@ def test_the_kohya_file_has_the_names_comfyui_maps_onto_clip(text_lora_run) -> N
 
 def test_resume_from_step_2_ends_with_the_same_adapters(text_lora_run, clip_base, demo_shards,
                                                         tmp_path) -> None:  # fmt: skip
-    resumed_from_step_2(text_lora_run, tmp_path, lambda step2: run_args(
+    ref, got = resumed_from_step_2(text_lora_run, tmp_path, lambda step2: run_args(
         tmp_path, clip_base, demo_shards, f"ckpt_path={step2}"))  # fmt: skip
+    want, have = (text_ema_from_checkpoint(c) for c in (ref, got))
+    assert want and want.keys() == have.keys()  # the encoder's EMA resumed too
+    assert all(torch.equal(want[k], have[k]) for k in want)
 
 
 def test_mlflow_lineage_names_the_text_encoder_adapter(clip_base, demo_shards, tmp_path):

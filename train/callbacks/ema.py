@@ -1,4 +1,5 @@
-"""EMA of the UNet's weights, kept in float32 next to whatever shards this rank holds.
+"""EMA of the UNet's weights, kept in float32 next to whatever shards this rank holds (and of a
+text encoder's adapter, when one trains).
 
 diffusers' EMAModel and Lightning's WeightAveraging keep a whole copy of each parameter, which
 under ZeRO-3 and FSDP is an empty placeholder or a flat slice: they would average nothing or
@@ -46,6 +47,9 @@ class EMA(L.Callback):
         self.decay, self.update_every = decay, update_every
         self.updates = 0
         self.shadow: list[torch.Tensor] | None = None
+        # A text-encoder adapter's EMA: whole tensors (such adapters train under DDP and
+        # ZeRO-1/2 only, which keep every parameter whole on every rank).
+        self.text_shadow: list[torch.Tensor] = []
         self._pending: dict | None = None
         self._last_step = -1
 
@@ -63,10 +67,13 @@ class EMA(L.Callback):
         if self.shadow is not None:
             return
         local = local_tensors(trainer.strategy, self._params(pl_module))
+        text = text_params(pl_module)
         if self._pending is None:
             self.shadow = [t.detach().float().clone() for t in local]
+            self.text_shadow = [t.detach().float().clone() for t in text]
         else:
             self.shadow = restore_shadow(trainer, pl_module, self._pending, local)
+            self.text_shadow = restore_text_shadow(pl_module, self._pending, text)
             self._pending = None
 
     @torch.no_grad()
@@ -80,7 +87,19 @@ class EMA(L.Callback):
         local = local_tensors(trainer.strategy, self._params(pl_module))
         for ema, live in zip(self.shadow, local, strict=True):
             ema.lerp_(live.float(), 1.0 - decay)
+        for ema, live in zip(self.text_shadow, text_params(pl_module), strict=True):
+            ema.lerp_(live.float(), 1.0 - decay)
         self.updates += 1
+
+    @contextlib.contextmanager
+    def text_weights(self, pl_module: L.LightningModule) -> Iterator[None]:
+        """The text encoder's adapter holds its EMA weights inside (no-op without one)."""
+        live = text_params(pl_module)
+        if not live or not self.text_shadow:
+            yield
+            return
+        with swapped_in(live, self.text_shadow):
+            yield
 
     def full_model_state(
         self, trainer: L.Trainer, pl_module: L.LightningModule
@@ -116,6 +135,20 @@ def trainable_params(pl_module) -> list[torch.nn.Parameter]:
     return [p for p in pl_module.trainable.parameters() if p.requires_grad]
 
 
+def text_params(pl_module) -> list[torch.nn.Parameter]:
+    """The parameters of a text encoder's adapter (`trained_conditioner`), or none."""
+    conditioner = getattr(pl_module, "trained_conditioner", None)
+    return [] if conditioner is None else [p for p in conditioner.parameters() if p.requires_grad]
+
+
+def text_names(pl_module) -> list[str]:
+    """Names of `text_params` in the same order, as keys under ``trained_conditioner.``."""
+    conditioner = getattr(pl_module, "trained_conditioner", None)
+    if conditioner is None:
+        return []
+    return [clean_name(n) for n, p in conditioner.named_parameters() if p.requires_grad]
+
+
 def trainable_names(pl_module) -> list[str]:
     """Names of `trainable_params`, in the same order, as state-dict keys."""
     return [clean_name(n) for n, p in pl_module.trainable.named_parameters() if p.requires_grad]
@@ -144,7 +177,22 @@ def shadow_for_checkpoint(trainer: L.Trainer, pl_module, ema: EMA) -> dict:
     if has_adapter(pl_module.trainable):
         keep = set(trainable_names(pl_module))
         state = {k: v for k, v in state.items() if k in keep}
-    return {"layout": "full", "state": state}
+    text = {n: t.cpu() for n, t in zip(text_names(pl_module), ema.text_shadow, strict=True)}
+    return {"layout": "full", "state": state, **({"text_state": text} if text else {})}
+
+
+def restore_text_shadow(pl_module, saved: dict, live: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The text adapter's EMA from a checkpoint's EMA state; the live weights when the saved run
+    had no text adapter (one added on resume starts its average there)."""
+    text = saved.get("text_state")
+    if text is None:
+        return [t.detach().float().clone() for t in live]
+    names = text_names(pl_module)
+    if set(names) != set(text):
+        raise ValueError("the checkpoint's text-encoder EMA does not match the text encoder's "
+                         f"adapter (e.g. {sorted(set(names) ^ set(text))[:3]}); resume with the "
+                         "run's model.conditioner.adapter")  # fmt: skip
+    return [text[n].to(t.device, torch.float32) for n, t in zip(names, live, strict=True)]
 
 
 def restore_shadow(trainer: L.Trainer, pl_module, saved: dict, local) -> list[torch.Tensor]:
@@ -212,6 +260,13 @@ def ema_from_checkpoint(ckpt: dict) -> StateDict | None:
         name: zero3_unpartition([r["shards"][i] for r in per_rank], shape)
         for i, (name, shape) in enumerate(zip(saved["names"], saved["shapes"], strict=True))
     }
+
+
+def text_ema_from_checkpoint(ckpt: dict) -> StateDict | None:
+    """The EMA of a text encoder's adapter in a checkpoint (names under `trained_conditioner`),
+    or None when the run had no EMA or no text adapter."""
+    saved = _ema_state(ckpt.get("callbacks", {}))
+    return (saved or {}).get("text_state")
 
 
 def _ema_state(callbacks: dict) -> dict | None:

@@ -7,7 +7,12 @@ import lightning as L
 import torch
 from torch import nn
 
-from train.callbacks.outputs import check_whole_weights, needs_whole_state, whole_state
+from train.callbacks.outputs import (
+    check_whole_weights,
+    needs_whole_state,
+    text_weights,
+    whole_state,
+)
 from train.callbacks.preemption import preempted
 from train.errors import ConfigError
 from train.evaluation.metrics import ImageMetrics
@@ -34,8 +39,8 @@ class ImageQuality(L.Callback):
         # Checked here, when the config is built: before the model, the data and any step.
         self.reference = load_reference(reference, val_urls, feature)
         self.reference_path = reference
-        self.prompts = prompt_set(prompts, val_urls, num_images, "callbacks.eval.prompts",
-                                  "callbacks.eval needs prompts=FILE or val_urls (data.val_urls)")
+        missing = "callbacks.eval needs prompts=FILE or val_urls (data.val_urls)"
+        self.prompts = prompt_set(prompts, val_urls, num_images, "callbacks.eval.prompts", missing)
         self.metrics: ImageMetrics | None = None  # built in setup: its share needs the rank
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -67,10 +72,11 @@ class ImageQuality(L.Callback):
         metrics = self.metrics.to(pl_module.device)
         shares = torch.tensor_split(torch.arange(self.num_images), trainer.world_size)
         mine = shares[trainer.global_rank].tolist()
-        for start in range(0, len(mine), self.batch_size):
-            chunk = mine[start : start + self.batch_size]
-            images = self._generate(pl_module, chunk, model)
-            metrics.update(images, [self.prompts[i] for i in chunk])
+        with text_weights(trainer, pl_module):
+            for start in range(0, len(mine), self.batch_size):
+                chunk = mine[start : start + self.batch_size]
+                images = self._generate(pl_module, chunk, model)
+                metrics.update(images, [self.prompts[i] for i in chunk])
         scores = metrics.compute()
         metrics.reset()  # the generated side only: the reference stays
         logged = {f"eval/{k}": v for k, v in scores.items()}

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,8 @@ from train.tracking.tags import (
     register_export,
     registered_version,
 )
+
+log = logging.getLogger(__name__)
 
 
 class GradNormMonitor(L.Callback):
@@ -120,7 +125,8 @@ class SamplePreview(L.Callback):
         extra = output_weights(trainer, pl_module)
         if not trainer.is_global_zero:
             return
-        grid = pl_module.preview(self._batch, self.prompts, **self.kwargs, **extra)
+        with text_weights(trainer, pl_module):
+            grid = pl_module.preview(self._batch, self.prompts, **self.kwargs, **extra)
         path = Path(trainer.default_root_dir) / self.dirname / name
         path.parent.mkdir(parents=True, exist_ok=True)
         grid.save(path)
@@ -162,20 +168,26 @@ class ExportOnTrainEnd(L.Callback):
         if not trainer.is_global_zero:
             return
         root = Path(trainer.default_root_dir)
-        self.path = pl_module.export(root / self.dirname, **extra)
-        lineage = finetune_tags(pl_module)
-        self._publish(trainer, self.path, self.dirname, self.register_as, "diffusers", lineage)
-        if getattr(pl_module, "backbone", None) is not None:
-            self._export_adapter(trainer, pl_module, root, extra.get("model"), lineage)
+        with text_weights(trainer, pl_module):
+            self.path = pl_module.export(root / self.dirname, **extra)
+            lineage = finetune_tags(pl_module)
+            self._publish(trainer, self.path, self.dirname, self.register_as, "diffusers",
+                          lineage)  # fmt: skip
+            if getattr(pl_module, "backbone", None) is not None:
+                self._export_adapter(trainer, pl_module, root, extra.get("model"), lineage)
 
     def _export_adapter(self, trainer, pl_module, root: Path, model: Any, lineage: dict) -> None:
         """The LoRA files beside the merged export, in each format the adapter has; the
         diffusers one registered as `<register_as>-lora`."""
-        if pipelines.lora_format_problem(pl_module, model) is None:
+        problem = pipelines.lora_format_problem(pl_module, model)
+        if problem is None:
             self.lora_path = pipelines.export_lora(pl_module, root / self.lora_dirname, model)
             name = self.register_as and f"{self.register_as}-lora"
             self._publish(trainer, self.lora_path, self.lora_dirname, name, "diffusers-lora",
                           lineage)  # fmt: skip
+        else:  # said once, so that a missing folder is not a surprise
+            log.info("no %s/ (diffusers' LoRA format): %s; %s/ holds the LoRA merged",
+                     self.lora_dirname, problem, self.dirname)  # fmt: skip
         if self.kohya_dirname and pipelines.kohya_format_problem(pl_module, model) is None:
             self.kohya_path = pipelines.export_kohya(pl_module, root / self.kohya_dirname, model)
             self._publish(trainer, self.kohya_path, self.kohya_dirname, None, "kohya", lineage)
@@ -219,6 +231,12 @@ def output_weights(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str
 def active_ema(trainer: L.Trainer) -> EMA | None:
     ema = next((c for c in trainer.callbacks if isinstance(c, EMA)), None)
     return ema if ema is not None and ema.shadow is not None else None
+
+
+def text_weights(trainer: L.Trainer, pl_module: L.LightningModule) -> AbstractContextManager[None]:
+    """Context: a text encoder's adapter holds its EMA weights when the EMA callback runs."""
+    ema = active_ema(trainer)
+    return ema.text_weights(pl_module) if ema is not None else contextlib.nullcontext()
 
 
 def needs_whole_state(trainer: L.Trainer) -> bool:

@@ -72,6 +72,18 @@ def module_from_loaded(ckpt: dict, path: str | Path):
     return module, ema_from_checkpoint(ckpt)
 
 
+def load_text_ema(module: Any, ckpt: dict) -> None:
+    """Put the checkpoint's EMA of a text encoder's adapter into `module` (when it has one)."""
+    from train.callbacks.ema import text_ema_from_checkpoint
+
+    text = text_ema_from_checkpoint(ckpt)
+    if text is None:
+        return
+    result = module.trained_conditioner.load_state_dict(text, strict=False)
+    if result.unexpected_keys:  # strict=False is for the frozen base, not for loading nothing
+        raise ValueError(f"text-encoder EMA keys not in the model: {result.unexpected_keys[:5]}")
+
+
 def load_checkpoint(path: str | Path, allow_pickle: bool = False) -> dict:
     from train.distributed.sharding import load_any_checkpoint
 
@@ -103,6 +115,8 @@ def export_checkpoint(
     if "ldm_parts" not in ckpt or has_adapter(ckpt):
         module, ema = module_from_loaded(ckpt, ckpt_path)
         module.eval()
+        if use_ema:
+            load_text_ema(module, ckpt)
         model = module.model_from_state(ema) if use_ema and ema is not None else None
         if fmt == "diffusers-lora":
             return module.export_lora(out_dir, model)
@@ -129,6 +143,8 @@ def checkpoint_pipeline(ckpt: dict, use_ema: bool = True) -> Any:
     if has_adapter(ckpt):
         module, ema = module_from_loaded(ckpt, "the checkpoint")
         model = module.model_from_state(ema) if use_ema and ema is not None else None
+        if use_ema:
+            load_text_ema(module, ckpt)
         return module.eval().pipeline(model=merged(model or module.trainable))
     spec = ckpt["ldm_parts"]
     ema = ema_from_checkpoint(ckpt) if use_ema else None

@@ -207,6 +207,8 @@ def main(argv: list[str] | None = None) -> None:
     warn_long_prompts(pipe, args.prompt)
     prompts = [pr for pr in args.prompt for _ in range(args.num_per_prompt)]
     images = generate(pipe, prompts, args.steps, args.guidance_scale, args.seed, extra=image_kwargs)
+    if args.keep_unmasked:
+        images = sample_images.keep_unmasked(pipe, image_kwargs, images, args.mask_blur)
     grid = image_grid(images, cols=args.num_per_prompt if args.num_per_prompt > 1 else None)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     grid.save(args.out)

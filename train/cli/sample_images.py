@@ -41,6 +41,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(default: the pipeline's, 0.8 for img2img, 1.0 for inpainting)")  # fmt: skip
     p.add_argument("--mask", help="inpainting: a one-channel image, white where the init image "
                    "is repainted")  # fmt: skip
+    p.add_argument("--keep-unmasked", action="store_true", help="inpainting: paste the init "
+                   "image back outside the mask (diffusers' apply_overlay, as A1111 does), so "
+                   "the pixels not repainted are the input's exactly")  # fmt: skip
+    p.add_argument("--mask-blur", type=float, default=0.0, help="with --keep-unmasked: blur the "
+                   "pasted mask's edge by this radius in pixels (a softer seam)")  # fmt: skip
     p.add_argument("--control-image", help="a ControlNet export's control image (an edge map, "
                    "a mask, ...; resized to the model's size)")  # fmt: skip
     p.add_argument("--control-scale", type=float, default=None, help="the ControlNet's strength "
@@ -55,6 +60,12 @@ def check_arguments(args: argparse.Namespace) -> None:
     """ConfigError for image arguments that cannot work, before torch and diffusers load."""
     if args.mask and not args.init_image:
         raise ConfigError("--mask needs --init-image (the picture whose masked part is repainted)")
+    if args.keep_unmasked and not args.mask:
+        raise ConfigError("--keep-unmasked applies to inpainting: give --init-image and --mask")
+    if args.mask_blur and not args.keep_unmasked:
+        raise ConfigError("--mask-blur softens --keep-unmasked's seam: give --keep-unmasked")
+    if args.mask_blur < 0:
+        raise ConfigError(f"--mask-blur {args.mask_blur}: a radius in pixels, 0 or more")
     if args.strength is not None and not args.init_image:
         raise ConfigError("--strength applies to --init-image: give the image to start from")
     if args.lora_scale != 1.0 and not args.lora:
@@ -162,6 +173,15 @@ def image_pipeline(pipe: DiffusionPipeline, args: argparse.Namespace) -> tuple[A
     if args.strength is not None:
         kwargs["strength"] = args.strength
     return out, {**kwargs, **control}
+
+
+def keep_unmasked(pipe: Any, kwargs: dict, images: list, blur: float = 0.0) -> list:
+    """The inpainted `images` with the init image pasted back where the mask is black (its
+    edge blurred by `blur` px), through the pipeline's own `image_processor.apply_overlay`."""
+    mask = kwargs["mask_image"]
+    if blur:
+        mask = pipe.mask_processor.blur(mask, blur)
+    return [pipe.image_processor.apply_overlay(mask, kwargs["image"], im) for im in images]
 
 
 def control_kwargs(pipe: DiffusionPipeline, args: argparse.Namespace) -> dict[str, Any]:

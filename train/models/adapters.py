@@ -67,6 +67,13 @@ def layer_suffixes(model: nn.Module) -> list[str]:
     return sorted(names)
 
 
+def targets_in(model: nn.Module, config: Any) -> bool:
+    """Whether the peft ``config``'s target_modules name any module of ``model``."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    return any(check_target_module_exists(config, name) for name, _ in model.named_modules())
+
+
 def has_adapter(model: nn.Module) -> bool:
     return bool(getattr(model, "peft_config", None))
 

@@ -6,6 +6,7 @@ encoders and tokenizers, the objective its schedulers; this module only puts the
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +128,10 @@ def lora_format_problem(module: Any, model: torch.nn.Module | None = None) -> st
     pipeline = module.backbone.pipeline_class
     if not hasattr(getattr(diffusers, pipeline), "save_lora_weights"):
         return f"{pipeline} has no LoRA format in diffusers"
+    holds = inspect.signature(getattr(diffusers, pipeline).save_lora_weights).parameters
+    for name in text_adapters(module):
+        if f"{name}_lora_layers" not in holds:  # e.g. SD3's T5, text_encoder_3
+            return f"diffusers' {pipeline} LoRA format holds no {name} adapter"
     for part in (model, *text_adapters(module).values()):
         if not adapters.is_lora(part):
             kind = type(adapters.adapter_config(part)).__name__

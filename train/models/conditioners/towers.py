@@ -106,15 +106,20 @@ class FrozenTowers(nn.Module):
     adapter: Any = None
 
     def freeze(self, adapter: Any = None) -> None:
-        """Freeze every tower; ``adapter`` (a peft config): a LoRA on the CLIP towers, the ones
-        diffusers' SD3 and Flux LoRA scripts train (T5 stays frozen)."""
+        """Freeze every tower; ``adapter`` (a peft config) goes on each tower that has modules
+        its targets name: CLIP's attention (`adapter=lora`, the towers diffusers' SD3 and Flux
+        LoRA scripts train), T5's (`adapter=lora_t5`), or both when it names both."""
         self.requires_grad_(False)
         super().train(False)
         self.adapter = adapter
-        if adapter is not None:
-            for part in self.pipeline_parts().values():
-                if type(part).__name__.startswith("CLIPTextModel"):
-                    adapters.attach(part, adapter, ADAPTER_SETTING)
+        if adapter is None:
+            return
+        towers = [p for p in self.pipeline_parts().values() if isinstance(p, torch.nn.Module)]
+        named = [p for p in towers if adapters.targets_in(p, adapter)]
+        if not named:  # attach's error names the first tower's adaptable layers
+            adapters.attach(towers[0], adapter, ADAPTER_SETTING)
+        for part in named:
+            adapters.attach(part, adapter, ADAPTER_SETTING)
 
     def embed(self, prompts: list[str]) -> Conditioning:
         raise NotImplementedError
