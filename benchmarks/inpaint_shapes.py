@@ -251,9 +251,12 @@ def main() -> None:
     p.add_argument("--inpaint", type=Path, help="score this inpainting export (no training)")
     args = p.parse_args()
     export, seconds = (args.inpaint, 0.0) if args.inpaint else train(args)
-    results = {"cpu": cpu_model(), "objective": args.objective, "cfg": args.cfg,
-               "masks": args.masks, "masked_loss": args.masked_loss, "steps": args.steps,
-               "lr": args.lr, "train_s": round(seconds)}  # fmt: skip
+    results = {"cpu": cpu_model(), "objective": args.objective, "cfg": args.cfg}
+    if args.inpaint:  # trained elsewhere: its settings are that run's
+        results["inpaint_export"] = str(args.inpaint)
+    else:
+        results.update(masks=args.masks, masked_loss=args.masked_loss, steps=args.steps,
+                       lr=args.lr, train_s=round(seconds))  # fmt: skip
     for name, path in (("inpaint", export), ("base", args.base)):
         pipe = AutoPipelineForInpainting.from_pipe(
             DiffusionPipeline.from_pretrained(path, safety_checker=None)
