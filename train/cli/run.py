@@ -84,6 +84,7 @@ def run(cfg: DictConfig) -> float | None:
               flush=True)  # fmt: skip
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    close_process_group()
 
     if trainer.is_global_zero:
         print("\n".join(summary(trainer, run_dir)), flush=True)
@@ -92,6 +93,15 @@ def run(cfg: DictConfig) -> float | None:
     if metric and metric in trainer.callback_metrics:
         return float(trainer.callback_metrics[metric])
     return None
+
+
+def close_process_group() -> None:
+    """Lightning leaves the process group up after fit. Left to interpreter shutdown, gloo's
+    worker threads can still hold tensors then and abort the process (SIGABRT, "terminate called
+    without an active exception") after a run that succeeded. Only after fit returned on every
+    rank: destroying it while another rank is still in a collective would hang (as torchtitan)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def build_callback(name: str, node: DictConfig) -> L.Callback:
