@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,8 @@ from data.metadata import CaptionPicker, MetadataFilter
 from data.sources import ShardSizes, resolve_shards
 from data.stream import ShardStream
 from data.transforms import Collate, SkipCounter
+from data.video import VIDEO_KEYS, ClipSampler
+from data.video_decoder import VideoDecoder
 
 # Kept for callers that imported it from here.
 __all__ = ["WebDatasetDataModule", "resolve_shards"]
@@ -98,7 +101,11 @@ class WebDatasetDataModule(L.LightningDataModule):
         require_caption: bool = False,
         control: Control | None = None,
         mask: Control | None = None,
+        video: ClipSampler | None = None,
+        video_keys: tuple[str, ...] = VIDEO_KEYS,
     ) -> None:
+        """``video``: read clips from video members (``video_keys``) instead of images;
+        batches then carry ``pixel_values`` [B, 3, F, H, W] and ``fps`` [B]."""
         super().__init__()
         # Resolved and counted here so a bad path fails before any model is built.
         self.shards, self.weights = _datasets(urls, datasets)
@@ -123,6 +130,11 @@ class WebDatasetDataModule(L.LightningDataModule):
                                  "no images; train ControlNet and inpainting models on image "
                                  "shards")  # fmt: skip
         self.control, self.mask = control, mask
+        self.video, self.video_keys = video, tuple(video_keys)
+        if video is not None and (latents or buckets is not None or control or mask):
+            raise ValueError("data.video is set with data.latents, data.buckets, data.control "
+                             "or data.mask: video clips are read from video shards at "
+                             "data.resolution, without those (set them to null)")  # fmt: skip
         # A model that reads captions though the loader does not tokenize them (conditioners
         # with several tokenizers tokenize in the step) still needs every sample captioned.
         self.require_caption = require_caption or self.tokenizer is not None or latents
@@ -138,6 +150,18 @@ class WebDatasetDataModule(L.LightningDataModule):
         if self.latents:
             return LatentDecoder(counter, self.metadata_filter)
         captions = self.captions if train else CaptionPicker(self.captions.fields)
+        if self.video is not None:
+            return VideoDecoder(
+                self.video if train else replace(self.video, random_start=False),
+                self.resolution,
+                counter,
+                captions=captions,
+                metadata_filter=self.metadata_filter,
+                video_keys=self.video_keys,
+                center_crop=self.center_crop if train else True,
+                random_flip=self.random_flip and train,
+                require_caption=self.require_caption,
+            )
         return ImageDecoder(
             self.resolution,
             counter,

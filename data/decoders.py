@@ -19,11 +19,11 @@ from PIL import Image
 
 from data.buckets import AspectBuckets, resize_crop
 from data.controls import Control, to_mask_tensor, to_unit_tensor
-from data.metadata import CaptionPicker, MetadataFilter, field, metadata_size
+from data.metadata import IMAGE_KEYS, CaptionPicker, MetadataFilter, field, metadata_size
 from data.transforms import ImageTooLarge, SkipCounter, decode_image, to_tensor
 
 Raw = dict[str, Any]
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+__all__ = ["IMAGE_KEYS", "ImageDecoder", "LatentDecoder"]
 
 
 def image_size(raw: Raw, image_keys: tuple[str, ...] = IMAGE_KEYS) -> tuple[int, int] | None:
@@ -59,8 +59,22 @@ def _size_tensor(hw: tuple[int, int]) -> torch.Tensor:
     return torch.tensor(hw, dtype=torch.long)
 
 
+def admit(
+    counter: SkipCounter, raw: Raw, checked: tuple[str, str] | str
+) -> tuple[str, tuple[str, str]] | None:
+    """(key, (member, caption)) of a sample that passed a decoder's checks; None after counting
+    the reason ``checked`` names (the sample is seen either way)."""
+    key = str(raw.get("__key__", "?"))
+    counter.see()
+    if isinstance(checked, str):
+        counter.skip(checked, key, f"members: {sorted(k for k in raw if k[0] != '_')}")
+        return None
+    return key, checked
+
+
 # Optional members of encoded shards -> batch keys (`ldm-data encode` writes what it has).
 OPTIONAL_EMBEDDINGS = {"pooled.npy": "pooled_embeds", "emb_mask.npy": "encoder_attention_mask"}
+
 
 class ImageDecoder:
     """Decode, filter, caption, resize-and-crop (to ``resolution`` or an aspect bucket).
@@ -162,13 +176,10 @@ class ImageDecoder:
         self, raw: Raw, rng: random.Random, bucket: int | None = None
     ) -> dict[str, Any] | None:
         """``bucket``: the index of the aspect bucket the batch uses (else the sample's own)."""
-        key = str(raw.get("__key__", "?"))
-        self.counter.see()
-        checked = self._check(raw, rng)
-        if isinstance(checked, str):
-            self.counter.skip(checked, key, f"members: {sorted(k for k in raw if k[0] != '_')}")
+        admitted = admit(self.counter, raw, self._check(raw, rng))
+        if admitted is None:
             return None
-        image_key, caption = checked
+        key, (image_key, caption) = admitted
         header_size = self.size_of(raw)
         if bucket is not None and self.buckets is not None:
             target = self.buckets.sizes[bucket]

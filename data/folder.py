@@ -23,8 +23,11 @@ from tqdm import tqdm
 
 from data.shards import write_shards
 from data.sources import count_tar_samples, read_json_map
+from data.video import VideoError, probe
 
 IMAGE_SUFFIXES = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
+VIDEO_SUFFIXES = {".mp4": "mp4", ".webm": "webm", ".mkv": "mkv"}  # read with +data/video=clips
+MEDIA_SUFFIXES = IMAGE_SUFFIXES | VIDEO_SUFFIXES
 # The member name follows the bytes, not the file name: a PNG saved as .jpg is stored as KEY.png.
 FORMAT_MEMBERS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 SIZES_FILE = "sizes.json"  # the name data.sources.ShardSizes looks for beside the shards
@@ -46,8 +49,9 @@ class FolderResult:
 
 
 def find_images(src: Path) -> list[Path]:
-    """Image files under ``src`` (recursively), sorted by relative path for a stable order."""
-    found = [p for p in src.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+    """Image and video files under ``src`` (recursively), sorted by relative path for a stable
+    order."""
+    found = [p for p in src.rglob("*") if p.suffix.lower() in MEDIA_SUFFIXES and p.is_file()]
     return sorted(found, key=lambda p: p.relative_to(src).as_posix())
 
 
@@ -114,7 +118,14 @@ def _txt_caption(image: Path) -> Caption:
 
 
 def _header(data: bytes, suffix: str) -> tuple[str, int, int] | None:
-    """Member name and (width, height) from the image header, None when PIL cannot read it."""
+    """Member name and (width, height) from the image (or video) header, None when PIL (or
+    FFmpeg) cannot read it."""
+    if suffix in VIDEO_SUFFIXES:
+        try:
+            info = probe(data)
+        except VideoError:
+            return None
+        return VIDEO_SUFFIXES[suffix], info.width, info.height
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
@@ -204,7 +215,7 @@ def folder_to_shards(
     out.mkdir(parents=True, exist_ok=True)
     images = find_images(src)
     if not images:
-        raise FileNotFoundError(f"SRC {src} holds no {'/'.join(IMAGE_SUFFIXES)} images")
+        raise FileNotFoundError(f"SRC {src} holds no {'/'.join(MEDIA_SUFFIXES)} files")
     if captions_table is None and not any(p.with_suffix(".txt").is_file() for p in images):
         # Said before any image is read (and before the progress bar): nothing would be written.
         raise ValueError(f"none of the {len(images)} images under {src} has a NAME.txt caption "

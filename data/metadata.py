@@ -6,6 +6,8 @@ import json
 import random
 from typing import Any
 
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")  # the image members read, in this order
+
 Raw = dict[str, Any]
 
 

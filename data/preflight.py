@@ -19,7 +19,8 @@ SAMPLES = 32  # a set whose first 32 samples are uncaptioned is not worth a star
 
 def first_samples(shard: str, fields: list[str], limit: int = SAMPLES) -> list[dict[str, Any]]:
     """The members `fields` read from (txt, json, ...) of the shard's first `limit` samples,
-    grouped as webdataset does: the key is the path up to the first dot of the file name."""
+    grouped as webdataset does: the key is the path up to the first dot of the file name. The
+    other members are listed with the value None (not read)."""
     wanted = {name.split(".", 1)[0] for name in fields}
     samples: dict[str, dict[str, Any]] = {}
     with tarfile.open(shard) as tar:
@@ -32,8 +33,8 @@ def first_samples(shard: str, fields: list[str], limit: int = SAMPLES) -> list[d
                 if len(samples) == limit:
                     break
                 samples[f"{folder}/{key}"] = {}
-            if ext in wanted:
-                samples[f"{folder}/{key}"][ext] = tar.extractfile(member).read()
+            wanted_ext = ext in wanted
+            samples[f"{folder}/{key}"][ext] = tar.extractfile(member).read() if wanted_ext else None
     return list(samples.values())
 
 
@@ -60,4 +61,25 @@ def caption_problem(
         f"in data.caption_fields={shown}; add KEY.txt captions (ldm-data from-folder writes "
         "them), or set data.caption_fields to the field that holds them (e.g. json.caption); "
         "see ldm-data inspect"
+    )
+
+
+def media_problem(
+    key: str, shards: list[str], wanted: tuple[str, ...], other: tuple[str, ...], hint: str
+) -> str | None:
+    """What to tell the user when none of the first samples of `shards[0]` holds a `wanted`
+    member (an image for an image config, a video for `data.video`) but they hold `other`
+    ones: every sample would be skipped, after the model is built. None when fine, or remote."""
+    if not shards or is_remote(shards[0]):
+        return None
+    try:
+        samples = first_samples(shards[0], [])
+    except (OSError, tarfile.TarError):
+        return None
+    members = {ext for raw in samples for ext in raw}
+    if not samples or members & set(wanted) or not members & set(other):
+        return None
+    return (
+        f"{key}: the first {len(samples)} samples of {shards[0]} hold "
+        f"{'|'.join(sorted(members & set(other)))} members and no {'|'.join(wanted)}; {hint}"
     )

@@ -170,7 +170,8 @@ class ShardStream(IterableDataset):
                     "skipped or missing; check the shards with `ldm-data validate`"
                 )
             for _ in range(pending):
-                yield _repeat(last)
+                # The skips of those last batches' samples, counted once (by the first repeat).
+                yield _repeat(last) | {"skipped": self.counter.take()}
 
     def _decode(self, slot: int, chunk: list, bucket: Any) -> dict[str, Any] | None:
         samples = []

@@ -21,6 +21,8 @@ from data.decoders import IMAGE_KEYS, caption_text, image_size
 from data.folder import update_sizes_file
 from data.sources import count_tar_samples, is_remote, iter_raw_samples, resolve_shards
 from data.transforms import SKIP_REASONS, ImageTooLarge, decode_image
+from data.video import VIDEO_KEYS
+from data.video_stats import VideoStats, check_video, video_key
 
 # Histogram buckets are half-open: "64-127" holds 64 <= x < 128.
 SIZE_EDGES = (64, 128, 256, 512, 1024, 2048)
@@ -66,6 +68,7 @@ class _Inspector:
         self.aspects: Counter = Counter()
         self.words: Counter = Counter()
         self.examples: list[dict[str, str]] = []
+        self.videos = VideoStats()
         self._rng = random.Random(0)
         self._captioned = 0
 
@@ -75,7 +78,8 @@ class _Inspector:
     def add(self, raw: dict[str, Any]) -> None:
         self.inspected += 1
         self.members.update(k for k in raw if not k.startswith("__"))
-        size = image_size(raw)
+        vkey = video_key(raw)
+        size = self.videos.add(raw[vkey]) if vkey else image_size(raw)
         if size is None or min(size) <= 0:
             self.no_size += 1
         else:
@@ -110,6 +114,7 @@ class _Inspector:
                 "missing": self.no_caption,
             },
             "examples": self.examples,
+            **({"video": self.videos.result()} if self.videos.videos else {}),
         }
 
 
@@ -187,12 +192,15 @@ class Problem:
 def check_sample(raw: dict[str, Any], max_pixels: int) -> list[tuple[str, str]]:
     """(reason, detail) for everything the loader would reject in this raw sample."""
     problems: list[tuple[str, str]] = []
-    image_key = next((k for k in IMAGE_KEYS if k in raw), None)
+    image_key = next((k for k in (*IMAGE_KEYS, *VIDEO_KEYS) if k in raw), None)
     if image_key is None:
         members = sorted(k for k in raw if not k.startswith("__"))
-        problems.append(("missing_image", f"no {'/'.join(IMAGE_KEYS)} member; has {members}"))
+        wanted = "/".join((*IMAGE_KEYS, *VIDEO_KEYS))
+        problems.append(("missing_image", f"no {wanted} member; has {members}"))
     elif not raw[image_key]:
         problems.append(("empty_member", f"{image_key} is 0 bytes"))
+    elif image_key in VIDEO_KEYS:
+        problems += check_video(raw[image_key])
     else:
         try:
             decode_image(raw[image_key], max_pixels)

@@ -29,6 +29,7 @@ SKIP_REASONS: tuple[str, ...] = (
     "control_size",  # ... or not the image's size
     "missing_mask",  # an inpainting mask member (data.mask) is absent
     "mask_size",  # ... or not one channel of the image's size
+    "missing_video",  # a video config (data.video) met a sample without a video member
 )
 # Samples a configured filter dropped: counted, but not bad data, so not in the skip rate.
 FILTER_REASONS: tuple[str, ...] = (
@@ -36,6 +37,7 @@ FILTER_REASONS: tuple[str, ...] = (
     "filtered_aspect",
     "filtered_score",
     "filtered_bucket",
+    "filtered_short",  # a video shorter than the clip data.video samples
 )
 ALL_REASONS = SKIP_REASONS + FILTER_REASONS
 MIN_SEEN_FOR_CHECK = 50

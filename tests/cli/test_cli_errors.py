@@ -53,6 +53,12 @@ def inputs(tmp_path_factory, demo_shards: Path) -> dict[str, str]:
             info = tarfile.TarInfo(f"{i:06d}.png")
             info.size = len(png.getvalue())
             tar.addfile(info, io.BytesIO(png.getvalue()))
+    (root / "videos").mkdir()  # a video shard: only its member names are read before a start
+    with tarfile.open(root / "videos" / "v-000000.tar", "w") as tar:
+        for name, data in (("000000.mp4", b"not decoded"), ("000000.txt", b"a clip")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
     (root / "images").mkdir()
     (root / "images" / "a.png").write_bytes(png.getvalue())
     (root / "export").mkdir()  # looks like an export to a quick glance, names no pipeline
@@ -77,6 +83,14 @@ CASES = [
      "VAE downsampling 4); set data.resolution=32 or model.backbone.model.sample_size=4"),
     ("ldm-train", ["experiment=tiny", "data.urls=ROOT/nocap"], "data.caption_fields=txt"),
     ("ldm-train", ["experiment=tiny", "trainer.max_stepz=3"], "+trainer.max_stepz=3"),
+    ("ldm-train", ["experiment=tiny", "data.urls=SHARDS", "+data/video=clips"],
+     "hold jpg members and no mp4|webm|mkv; these are image shards: drop +data/video"),
+    ("ldm-train", ["experiment=tiny", "data.urls=ROOT/videos"],
+     "hold mp4 members and no jpg|jpeg|png|webp; these are video shards: read them with"),
+    ("ldm-train", ["experiment=tiny", "data.urls=ROOT/videos", "+data/video=clips",
+                   "data.video.num_frames=8"],
+     "data.video.num_frames=8: the model takes 4k+1 frames (data.video.rule); the nearest "
+     "valid counts are 5 or 9"),
     ("ldm-train", ["experiment=nope"],
      "Available options in 'experiment': controlnet, controlnet_sd3, demo"),
     ("ldm-data", ["from-folder", "ROOT/images", "ROOT/out"], "has a NAME.txt caption"),

@@ -14,12 +14,15 @@ the process boundary is not the subject, the shell's quoting is."""
 
 from __future__ import annotations
 
+import io
+import json
 import re
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from cli_runner import run_cli
@@ -193,13 +196,32 @@ def run_submit(argv: list[str], line: str) -> list[str]:
 
 @pytest.fixture
 def photos(tmp_path: Path) -> Path:
-    """`photos/` for the data-tools block: 10 captioned images."""
+    """`photos/` for the data-tools block: 10 captioned images (and `videos/` beside it)."""
     folder = tmp_path / "photos"
     folder.mkdir()
     for i in range(10):
         Image.new("RGB", (8, 8), (25 * i, 0, 0)).save(folder / f"p{i}.png")
         (folder / f"p{i}.txt").write_text(f"photo number {i}")
+    videos = tmp_path / "videos"  # and `videos/` for the video-shards block: 2 captioned clips
+    videos.mkdir()
+    for i in range(2):
+        (videos / f"v{i}.mp4").write_bytes(tiny_mp4(8 + 4 * i))
+        (videos / f"v{i}.txt").write_text(f"clip number {i}")
     return folder
+
+
+def tiny_mp4(frames: int) -> bytes:
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as out:
+        stream = out.add_stream("mpeg4", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 16, 16, "yuv420p"
+        for i in range(frames):
+            image = np.full((16, 16, 3), 10 * i, np.uint8)
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        out.mux(stream.encode())
+    return buf.getvalue()
 
 
 @pytest.mark.parametrize("page", PAGES, ids=page_name)
@@ -249,7 +271,8 @@ def test_commands_parse_in_bash_and_keep_brace_patterns(
         else:
             run_data(argv)
             if argv[1] == "from-folder":  # `ldm-data from-folder IN OUT`: wrote what it read
-                assert (Path(argv[3]) / "shard-000009.tar").is_file(), line
+                sizes = json.loads((Path(argv[3]) / "sizes.json").read_text())
+                assert sum(sizes.values()) == len(list(Path(argv[2]).glob("*.txt"))), line
         ran.append(line)
     assert ran, lines
 

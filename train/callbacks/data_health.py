@@ -89,5 +89,8 @@ class DataHealthMonitor(L.Callback):
         return {"reasons": list(ALL_REASONS), "per_rank": self._per_rank}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict.get("reasons") == list(ALL_REASONS) and state_dict.get("per_rank"):
-            self._per_rank = state_dict["per_rank"]
+        reasons, rows = state_dict.get("reasons"), state_dict.get("per_rank")
+        if reasons and rows:
+            # By name: a checkpoint written before a reason was added restores the others.
+            self._per_rank = [[dict(zip(reasons, row, strict=True)).get(r, 0) for r in ALL_REASONS]
+                              for row in rows]  # fmt: skip

@@ -102,12 +102,23 @@ def _print_inspection(stats: dict[str, Any]) -> None:
     _print_histogram("aspect ratio (width / height)", stats["aspect_ratio"])
     if stats["no_size"]:
         print(f"  no size known for {stats['no_size']} samples")
+    if "video" in stats:
+        _print_videos(stats["video"])
     words = stats["caption_words"]
     _print_histogram(f"caption words ({words['missing']} without caption)", words["histogram"])
     print("  " + " ".join(f"{p}={v}" for p, v in words["percentiles"].items()))
     print("example captions")
     for example in stats["examples"]:
         print(f"  {example['key']}: {example['caption'][:120]}")
+
+
+def _print_videos(video: dict[str, Any]) -> None:
+    print(f"videos: {video['videos']} ({video['unreadable']} with an unreadable header)")
+    for name, unit in (("duration_s", "s"), ("frames", "frames")):
+        print(f"  {name.split('_')[0]} ({unit}): "
+              + " ".join(f"{p}={v:g}" for p, v in video[name].items()))  # fmt: skip
+    print("  fps: " + ", ".join(f"{k} ({n})" for k, n in video["fps"].items()))
+    print("  sizes: " + ", ".join(f"{k} ({n})" for k, n in video["sizes"].items()))
 
 
 def _inspect(args: argparse.Namespace) -> int:

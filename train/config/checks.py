@@ -91,6 +91,7 @@ def check_data(cfg: DictConfig, local_paths: bool = True) -> None:
     from data.sources import resolve_shards
 
     data = cfg.get("data") or {}
+    check_clips(data)
     specs = [("data.urls", data.get("urls")), ("data.val_urls", data.get("val_urls"))]
     specs += [(f"data.datasets[{i}].urls", d.get("urls"))
               for i, d in enumerate(data.get("datasets") or [])]  # fmt: skip
@@ -106,10 +107,43 @@ def check_data(cfg: DictConfig, local_paths: bool = True) -> None:
             shards = resolve_shards(spec)
         except FileNotFoundError as e:
             raise ConfigError(str(e).replace("data.urls=", f"{key}=", 1)) from None
-        if fields is not None:
+        problem = media_mismatch(data, key, shards)
+        if fields is not None and problem is None:
             problem = caption_problem(key, spec, shards, fields)
-            if problem:
-                raise ConfigError(problem)
+        if problem:
+            raise ConfigError(problem)
+
+
+def check_clips(data: DictConfig) -> None:
+    """`data.video`'s own checks (a frame count the model cannot take): it is cheap to build."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    from train.errors import cause_of
+
+    if data.get("video") is None:
+        return
+    try:
+        instantiate(data.video)
+    except InstantiationException as e:
+        raise ConfigError(str(cause_of(e, (ValueError, TypeError)) or e)) from None
+
+
+def media_mismatch(data: DictConfig, key: str, shards: list[str]) -> str | None:
+    """Image shards under a video config (`data.video`), or video shards under an image one."""
+    from data.metadata import IMAGE_KEYS
+    from data.preflight import media_problem
+    from data.video import VIDEO_KEYS
+
+    if data.get("latents"):
+        return None
+    images = tuple(data.get("image_keys") or IMAGE_KEYS)
+    videos = tuple(data.get("video_keys") or VIDEO_KEYS)
+    if data.get("video") is not None:
+        return media_problem(key, shards, videos, images, "these are image shards: drop "
+                             "+data/video (data.video=null) to train on images")  # fmt: skip
+    return media_problem(key, shards, images, videos, "these are video shards: read them "
+                         "with +data/video=clips (conf/data/video/)")  # fmt: skip
 
 
 def _check_tracking_uri(cfg: DictConfig) -> None:
