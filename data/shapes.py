@@ -119,24 +119,32 @@ def train_specs(seed: int = 0, fraction: float = 0.1) -> list[ShapeSpec]:
 
 def render(spec: ShapeSpec, size: int, rng: np.random.Generator) -> Image.Image:
     """Draw ``spec`` as an RGB ``size`` x ``size`` image, antialiased by supersampling."""
-    big = size * SUPERSAMPLE
-    image = Image.new("RGB", (big, big), BACKGROUNDS[spec.background])
-    draw = ImageDraw.Draw(image)
-    side = SHAPE_SCALE * big * (1.0 + rng.uniform(-SCALE_JITTER, SCALE_JITTER))
+    side = SHAPE_SCALE * (1.0 + rng.uniform(-SCALE_JITTER, SCALE_JITTER))
     ax, ay = POSITIONS[spec.position]
-    cx = (ax + rng.uniform(-CENTRE_JITTER, CENTRE_JITTER)) * big
-    cy = (ay + rng.uniform(-CENTRE_JITTER, CENTRE_JITTER)) * big
-    half = side / 2
+    centre = (ax + rng.uniform(-CENTRE_JITTER, CENTRE_JITTER),
+              ay + rng.uniform(-CENTRE_JITTER, CENTRE_JITTER))  # fmt: skip
+    return draw_shape(spec.colour, spec.shape, spec.background, centre, side, size)
+
+
+def draw_shape(
+    colour: str, shape: str, background: str, centre: tuple[float, float], side: float, size: int
+) -> Image.Image:
+    """One shape at ``centre`` (x, y as fractions of the image), ``side`` (a fraction of the
+    image) wide, on a ``size`` x ``size`` background; antialiased by supersampling."""
+    big = size * SUPERSAMPLE
+    image = Image.new("RGB", (big, big), BACKGROUNDS[background])
+    draw = ImageDraw.Draw(image)
+    cx, cy, half = centre[0] * big, centre[1] * big, side * big / 2
     box = (cx - half, cy - half, cx + half, cy + half)
-    fill = COLOURS[spec.colour]
-    if spec.shape == "circle":
+    fill = COLOURS[colour]
+    if shape == "circle":
         draw.ellipse(box, fill=fill)
-    elif spec.shape == "square":
+    elif shape == "square":
         draw.rectangle(box, fill=fill)
-    elif spec.shape == "triangle":
+    elif shape == "triangle":
         draw.polygon([(cx, cy - half), (cx + half, cy + half), (cx - half, cy + half)], fill=fill)
     else:
-        raise ValueError(f"unknown shape {spec.shape!r}")
+        raise ValueError(f"unknown shape {shape!r}")
     return image.resize((size, size), Image.Resampling.LANCZOS)
 
 
@@ -211,33 +219,58 @@ def _shape_from_alpha(alpha: np.ndarray) -> str:
     return min(("circle", "square"), key=lambda name: abs(FILL_RATIOS[name] - ratio))
 
 
+@dataclass(frozen=True)
+class Found:
+    """The shape the checker sees in an image."""
+
+    colour: str
+    centre: tuple[float, float]  # x, y as fractions of the image
+    alpha: np.ndarray  # per-pixel coverage [H, W] in [0, 1]
+
+
+def background_of(arr: np.ndarray) -> np.ndarray:
+    """The median colour of the image's border."""
+    border = np.concatenate([arr[0], arr[-1], arr[1:-1, 0], arr[1:-1, -1]])
+    return np.median(border, axis=0)
+
+
+def locate(image: Image.Image | np.ndarray) -> Found | None:
+    """The shape's colour, centre and coverage; None where nothing was drawn. Accepts what
+    :func:`predict` accepts."""
+    return _locate(_as_array(image))
+
+
+def _locate(arr: np.ndarray) -> Found | None:
+    found = _soft_mask(arr, background_of(arr))
+    if found is None:
+        return None
+    alpha, fg = found
+    h, w = alpha.shape
+    ys, xs = np.mgrid[0:h, 0:w]
+    total = float(alpha.sum())
+    centre = (float(((xs + 0.5) * alpha).sum() / total / w),
+              float(((ys + 0.5) * alpha).sum() / total / h))  # fmt: skip
+    return Found(_nearest(fg, COLOURS), centre, alpha)
+
+
 def predict(image: Image.Image | np.ndarray) -> dict[str, str | None]:
     """Predicted colour, position, shape and background names (None where nothing was found).
 
     Accepts a PIL image, an HWC uint8/float array, or a CHW array in [-1, 1] or [0, 1].
     """
     arr = _as_array(image)
-    border = np.concatenate([arr[0], arr[-1], arr[1:-1, 0], arr[1:-1, -1]])
-    bg = np.median(border, axis=0)
     result: dict[str, str | None] = {
         "colour": None,
         "position": None,
         "shape": None,
-        "background": _nearest(bg, BACKGROUNDS),
+        "background": _nearest(background_of(arr), BACKGROUNDS),
     }
-    found = _soft_mask(arr, bg)
+    found = _locate(arr)
     if found is None:
         return result
-    alpha, fg = found
-    h, w = alpha.shape
-    ys, xs = np.mgrid[0:h, 0:w]
-    total = float(alpha.sum())
-    centre = np.array(
-        [((xs + 0.5) * alpha).sum() / total / w, ((ys + 0.5) * alpha).sum() / total / h]
-    )
-    result["colour"] = _nearest(fg, COLOURS)
-    result["position"] = _nearest(centre, POSITIONS)
-    result["shape"] = _shape_from_alpha(alpha)
+    result["colour"] = found.colour
+    result["position"] = _nearest(np.asarray(found.centre), POSITIONS)
+    result["shape"] = _shape_from_alpha(found.alpha)
     return result
 
 

@@ -8,7 +8,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -84,10 +84,10 @@ def _demo_samples(
         }
 
 
-def shard_pattern(out_dir: str | Path, num_shards: int) -> str:
+def shard_pattern(out_dir: str | Path, num_shards: int, prefix: str = SHARD_PREFIX) -> str:
     """The brace pattern that names every demo shard in ``out_dir``."""
     last = max(num_shards - 1, 0)
-    return str(Path(out_dir) / f"{SHARD_PREFIX}{{000000..{last:06d}}}.tar")
+    return str(Path(out_dir) / f"{prefix}{{000000..{last:06d}}}.tar")
 
 
 def write_demo_shards(
@@ -134,8 +134,11 @@ def write_demo_shards(
     return manifest
 
 
-def ensure_demo_shards(out_dir: str | Path, **kwargs: Any) -> Path:
+def ensure_demo_shards(
+    out_dir: str | Path, writer: Callable[..., dict[str, Any]] | None = None, **kwargs: Any
+) -> Path:
     """Write the demo set unless ``out_dir/manifest.json`` already exists; returns ``out_dir``.
+    ``writer``: the set's writer, ``write_demo_shards`` (the image set) by default.
 
     Writes into a sibling temp directory and renames it into place, so an interrupted run never
     leaves a partial directory that looks complete.
@@ -151,7 +154,7 @@ def ensure_demo_shards(out_dir: str | Path, **kwargs: Any) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        write_demo_shards(tmp, **kwargs)
+        (writer or write_demo_shards)(tmp, **kwargs)
         if out.exists():
             out.rmdir()  # empty, checked above
         os.replace(tmp, out)

@@ -12,7 +12,8 @@ from typing import Any
 
 from data.folder import TABLE_SUFFIXES, folder_to_shards
 from data.shapes import heldout_specs
-from data.shards import HELDOUT, MANIFEST, ensure_demo_shards, shard_pattern
+from data.shards import HELDOUT, MANIFEST, SHARD_PREFIX, ensure_demo_shards, shard_pattern
+from data.shards_video import write_motion_demo_shards
 from data.tools import DEFAULT_MAX_PIXELS, inspect_shards, validate_shards, write_sizes
 from train.cli.reference_stats import add_stats
 from train.errors import BAD_INPUT, ArgumentParser, debug_flag, report
@@ -27,19 +28,23 @@ def _demo(args: argparse.Namespace) -> int:
         manifest = json.loads(manifest_path.read_text())
         print(f"{manifest_path} exists; not rewriting (delete {out} to regenerate)")
     else:
+        clip = {"frames": args.frames, "fps": args.fps} if args.command == "demo-video" else {}
         ensure_demo_shards(
             out,
+            writer=args.writer,
             num_samples=args.num_samples,
             samples_per_shard=args.samples_per_shard,
             size=args.size,
             seed=args.seed,
             heldout_seed=args.heldout_seed,
             progress=True,
+            **clip,
         )
         manifest = json.loads(manifest_path.read_text())
         print(f"wrote {manifest['num_samples']} samples in {manifest['num_shards']} shards")
     print(f"held-out captions: {out / HELDOUT}")
-    print(f"shards: {shard_pattern(out, manifest['num_shards'])}")
+    prefix = manifest["pattern"].split("{", 1)[0] if "pattern" in manifest else SHARD_PREFIX
+    print(f"shards: {shard_pattern(out, manifest['num_shards'], prefix)}")
     return 0
 
 
@@ -218,7 +223,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--size", type=int, default=64)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--heldout-seed", type=int, default=0)
-    demo.set_defaults(func=_demo)
+    demo.set_defaults(func=_demo, writer=None)
+    video = sub.add_parser("demo-video", help="render the moving-shapes clips into OUT (mp4)")
+    video.add_argument("out", metavar="OUT")
+    video.add_argument("--num-samples", type=int, default=2000)
+    video.add_argument("--samples-per-shard", type=int, default=500)
+    video.add_argument("--size", type=int, default=32)
+    video.add_argument("--frames", type=int, default=9)
+    video.add_argument("--fps", type=int, default=8)
+    video.add_argument("--seed", type=int, default=0)
+    video.add_argument("--heldout-seed", type=int, default=0)
+    video.set_defaults(func=_demo, writer=write_motion_demo_shards)
     held = sub.add_parser("heldout", help="print the held-out captions of a demo set in OUT")
     held.add_argument("out", metavar="OUT")
     held.add_argument("--heldout-seed", type=int, default=0, help="used when OUT has no list")
