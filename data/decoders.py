@@ -72,6 +72,17 @@ def admit(
     return key, checked
 
 
+def pick_caption(
+    captions: CaptionPicker, raw: Raw, rng: random.Random, required: bool
+) -> str | None:
+    """The sample's caption; "" for an uncaptioned one where none is ``required``, else None
+    (skipped as missing_caption)."""
+    caption = captions(raw, rng)
+    if caption is None and not required:
+        return ""
+    return caption
+
+
 # Optional members of encoded shards -> batch keys (`ldm-data encode` writes what it has).
 OPTIONAL_EMBEDDINGS = {"pooled.npy": "pooled_embeds", "emb_mask.npy": "encoder_attention_mask"}
 
@@ -135,12 +146,8 @@ class ImageDecoder:
             reason = self.filter.reason(raw, self.size_of(raw))
             if reason is not None:
                 return f"filtered_{reason}"
-        caption = self.captions(raw, rng)
-        if caption is None:
-            if self.require_caption:
-                return "missing_caption"
-            caption = ""
-        return image_key, caption
+        caption = pick_caption(self.captions, raw, rng, self.require_caption)
+        return "missing_caption" if caption is None else (image_key, caption)
 
     def _aligned(
         self, raw: Raw, image_key: str, image: Image.Image, crop: tuple

@@ -38,18 +38,28 @@ def first_samples(shard: str, fields: list[str], limit: int = SAMPLES) -> list[d
     return list(samples.values())
 
 
-def caption_problem(
-    key: str, spec: Any, shards: list[str], fields: str | dict[str, float]
-) -> str | None:
-    """What to tell the user when no sample among the first of `shards[0]` has a caption in
-    `fields` (data.caption_fields); None when one has, or the first shard is remote."""
+def caption_names(fields: str | dict[str, float]) -> list[str]:
+    """The fields of ``data.caption_fields`` (one name, or a {name: weight} mapping)."""
+    return [fields] if isinstance(fields, str) else list(fields)
+
+
+def local_first_samples(shards: list[str], fields: list[str]) -> list[dict[str, Any]] | None:
+    """:func:`first_samples` of ``shards[0]``; None when it is remote (opening one costs a round
+    trip) or unreadable: those are the loader's to report, skip and count."""
     if not shards or is_remote(shards[0]):
-        return None  # opening a remote shard costs a round trip; the loader reports it later
-    names = [fields] if isinstance(fields, str) else list(fields)
+        return None
     try:
-        samples = first_samples(shards[0], names)
+        return first_samples(shards[0], fields)
     except (OSError, tarfile.TarError):
-        return None  # a broken shard is the loader's to skip and count
+        return None
+
+
+def caption_problem(
+    key: str, spec: Any, shard: str, samples: list[dict[str, Any]], fields: str | dict[str, float]
+) -> str | None:
+    """What to tell the user when none of ``samples`` (the first of ``shard``, read with the
+    names of ``fields``) has a caption in ``fields`` (data.caption_fields); None when one has."""
+    names = caption_names(fields)
     for raw in samples:
         if any(isinstance(v, str) and v.strip() for v in (field(raw, n) for n in names)):
             return None
@@ -57,7 +67,7 @@ def caption_problem(
         return None
     shown = fields if isinstance(fields, str) else ",".join(names)
     return (
-        f"{key}={spec!r}: none of the first {len(samples)} samples of {shards[0]} has a caption "
+        f"{key}={spec!r}: none of the first {len(samples)} samples of {shard} has a caption "
         f"in data.caption_fields={shown}; add KEY.txt captions (ldm-data from-folder writes "
         "them), or set data.caption_fields to the field that holds them (e.g. json.caption); "
         "see ldm-data inspect"
@@ -65,21 +75,20 @@ def caption_problem(
 
 
 def media_problem(
-    key: str, shards: list[str], wanted: tuple[str, ...], other: tuple[str, ...], hint: str
+    key: str,
+    shard: str,
+    samples: list[dict[str, Any]],
+    wanted: tuple[str, ...],
+    other: tuple[str, ...],
+    hint: str,
 ) -> str | None:
-    """What to tell the user when none of the first samples of `shards[0]` holds a `wanted`
-    member (an image for an image config, a video for `data.video`) but they hold `other`
-    ones: every sample would be skipped, after the model is built. None when fine, or remote."""
-    if not shards or is_remote(shards[0]):
-        return None
-    try:
-        samples = first_samples(shards[0], [])
-    except (OSError, tarfile.TarError):
-        return None
+    """What to tell the user when none of ``samples`` (the first of ``shard``) holds a
+    ``wanted`` member (an image for an image config, a video for ``data.video``) but they hold
+    ``other`` ones: every sample would be skipped, after the model is built."""
     members = {ext for raw in samples for ext in raw}
     if not samples or members & set(wanted) or not members & set(other):
         return None
     return (
-        f"{key}: the first {len(samples)} samples of {shards[0]} hold "
+        f"{key}: the first {len(samples)} samples of {shard} hold "
         f"{'|'.join(sorted(members & set(other)))} members and no {'|'.join(wanted)}; {hint}"
     )

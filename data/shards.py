@@ -8,9 +8,9 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import webdataset as wds
@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from data.shapes import ShapeSpec, heldout_specs, render, train_specs
 
+T = TypeVar("T")
 SHARD_PREFIX = "shapes-"
 MANIFEST = "manifest.json"
 HELDOUT = "heldout.json"
@@ -56,16 +57,28 @@ def jpeg_bytes(image: Image.Image, quality: int = JPEG_QUALITY) -> bytes:
     return buf.getvalue()
 
 
+def balanced(specs: Sequence[T], n: int, rng: np.random.Generator) -> Iterator[T]:
+    """``n`` specs in whole shuffled passes, so every combination is equally frequent. Lazy: each
+    pass's permutation is drawn from ``rng`` when the pass starts, between the renders."""
+    order: list[T] = []
+    for _ in range(n):
+        if not order:
+            order = [specs[j] for j in rng.permutation(len(specs))]
+        yield order.pop()
+
+
+def write_set_files(out: Path, heldout: list[str], manifest: dict[str, Any]) -> None:
+    """A demo set's ``heldout.json`` and, last, its ``manifest.json``: its presence is what
+    marks the directory complete."""
+    (out / HELDOUT).write_text(json.dumps(heldout, indent=1) + "\n")
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+
+
 def _demo_samples(
     specs: list[ShapeSpec], num_samples: int, samples_per_shard: int, size: int, seed: int
 ) -> Iterator[dict[str, Any]]:
     rng = np.random.default_rng(seed)
-    order: list[ShapeSpec] = []
-    for i in range(num_samples):
-        # Whole shuffled passes over the specs keep every combination equally frequent.
-        if not order:
-            order = [specs[j] for j in rng.permutation(len(specs))]
-        spec = order.pop()
+    for i, spec in enumerate(balanced(specs, num_samples, rng)):
         image = render(spec, size, rng)
         meta = {
             "caption": spec.caption,
@@ -116,7 +129,6 @@ def write_demo_shards(
         samples = tqdm(samples, total=num_samples, desc="rendering", unit="img")
     files = write_shards(samples, str(out / f"{SHARD_PREFIX}%06d.tar"), samples_per_shard)
     held = [s.caption for s in heldout_specs(seed=heldout_seed)]
-    (out / HELDOUT).write_text(json.dumps(held, indent=1) + "\n")
     manifest = {
         "num_samples": num_samples,
         "samples_per_shard": samples_per_shard,
@@ -129,8 +141,7 @@ def write_demo_shards(
         "shards": [Path(f).name for f in files],
         "pattern": Path(shard_pattern(out, len(files))).name,
     }
-    # Written last: its presence is what marks the directory complete.
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    write_set_files(out, held, manifest)
     return manifest
 
 

@@ -15,7 +15,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from data.shapes_video import MotionSpec, heldout_motion_specs, render_clip, train_motion_specs
-from data.shards import HELDOUT, MANIFEST, sample_key, shard_pattern, write_shards
+from data.shards import balanced, sample_key, shard_pattern, write_set_files, write_shards
 
 VIDEO_PREFIX = "moving-shapes-"
 
@@ -41,11 +41,7 @@ def _samples(
 ) -> Iterator[dict[str, Any]]:
     size, frames, fps = clip
     rng = np.random.default_rng(seed)
-    order: list[MotionSpec] = []
-    for i in range(num_samples):
-        if not order:  # whole shuffled passes: every combination equally frequent
-            order = [specs[j] for j in rng.permutation(len(specs))]
-        spec = order.pop()
+    for i, spec in enumerate(balanced(specs, num_samples, rng)):
         meta = {"caption": spec.caption, "width": size, "height": size, "frames": frames,
                 "fps": fps, "duration": frames / fps, "colour": spec.colour, "shape": spec.shape,
                 "direction": spec.direction, "background": spec.background}  # fmt: skip
@@ -79,11 +75,10 @@ def write_motion_demo_shards(
         samples = tqdm(samples, total=num_samples, desc="rendering", unit="clip")
     files = write_shards(samples, str(out / f"{VIDEO_PREFIX}%06d.tar"), samples_per_shard)
     held = [s.caption for s in heldout_motion_specs(heldout_seed)]
-    (out / HELDOUT).write_text(json.dumps(held, indent=1) + "\n")
     manifest = {"num_samples": num_samples, "samples_per_shard": samples_per_shard,
                 "num_shards": len(files), "size": size, "frames": frames, "fps": fps,
                 "seed": seed, "heldout_seed": heldout_seed, "num_train_specs": len(specs),
                 "num_heldout_specs": len(held), "shards": [Path(f).name for f in files],
                 "pattern": Path(shard_pattern(out, len(files), VIDEO_PREFIX)).name}  # fmt: skip
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    write_set_files(out, held, manifest)
     return manifest

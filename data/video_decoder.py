@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from data.buckets import resize_crop
-from data.decoders import Raw, admit
+from data.decoders import Raw, admit, pick_caption
 from data.metadata import CaptionPicker, MetadataFilter
 from data.transforms import SkipCounter, to_tensor
 from data.video import VIDEO_KEYS, ClipSampler, VideoError, decode_frames, probe
@@ -43,9 +43,6 @@ class VideoDecoder:
         self.center_crop, self.random_flip = center_crop, random_flip
         self.require_caption = require_caption
 
-    def bucket_of(self, raw: Raw) -> int:
-        return 0
-
     def _check(self, raw: Raw, rng: random.Random) -> tuple[str, str] | str:
         """The video member and caption, or the skip reason."""
         video_key = next((k for k in self.video_keys if k in raw), None)
@@ -55,12 +52,8 @@ class VideoDecoder:
             return "empty_member"
         if self.filter is not None and (reason := self.filter.reason(raw, None)):
             return f"filtered_{reason}"
-        caption = self.captions(raw, rng)
-        if caption is None:
-            if self.require_caption:
-                return "missing_caption"
-            caption = ""
-        return video_key, caption
+        caption = pick_caption(self.captions, raw, rng, self.require_caption)
+        return "missing_caption" if caption is None else (video_key, caption)
 
     def __call__(
         self, raw: Raw, rng: random.Random, bucket: int | None = None

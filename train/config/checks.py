@@ -87,7 +87,7 @@ def early_checks(
 def check_data(cfg: DictConfig, local_paths: bool = True) -> None:
     """The data patterns match shards, and (where captions are needed) the first samples of the
     first local shard have one: else every sample would be skipped, after the model is built."""
-    from data.preflight import caption_problem
+    from data.preflight import caption_names, caption_problem, local_first_samples
     from data.sources import resolve_shards
 
     data = cfg.get("data") or {}
@@ -107,9 +107,13 @@ def check_data(cfg: DictConfig, local_paths: bool = True) -> None:
             shards = resolve_shards(spec)
         except FileNotFoundError as e:
             raise ConfigError(str(e).replace("data.urls=", f"{key}=", 1)) from None
-        problem = media_mismatch(data, key, shards)
+        # One read of the first samples serves both checks.
+        samples = local_first_samples(shards, caption_names(fields) if fields else [])
+        if not samples:
+            continue
+        problem = media_mismatch(data, key, shards[0], samples)
         if fields is not None and problem is None:
-            problem = caption_problem(key, spec, shards, fields)
+            problem = caption_problem(key, spec, shards[0], samples, fields)
         if problem:
             raise ConfigError(problem)
 
@@ -129,7 +133,7 @@ def check_clips(data: DictConfig) -> None:
         raise ConfigError(str(cause_of(e, (ValueError, TypeError)) or e)) from None
 
 
-def media_mismatch(data: DictConfig, key: str, shards: list[str]) -> str | None:
+def media_mismatch(data: DictConfig, key: str, shard: str, samples: list) -> str | None:
     """Image shards under a video config (`data.video`), or video shards under an image one."""
     from data.metadata import IMAGE_KEYS
     from data.preflight import media_problem
@@ -140,9 +144,9 @@ def media_mismatch(data: DictConfig, key: str, shards: list[str]) -> str | None:
     images = tuple(data.get("image_keys") or IMAGE_KEYS)
     videos = tuple(data.get("video_keys") or VIDEO_KEYS)
     if data.get("video") is not None:
-        return media_problem(key, shards, videos, images, "these are image shards: drop "
+        return media_problem(key, shard, samples, videos, images, "these are image shards: drop "
                              "+data/video (data.video=null) to train on images")  # fmt: skip
-    return media_problem(key, shards, images, videos, "these are video shards: read them "
+    return media_problem(key, shard, samples, images, videos, "these are video shards: read them "
                          "with +data/video=clips (conf/data/video/)")  # fmt: skip
 
 
