@@ -20,16 +20,17 @@ from data.shards import balanced, sample_key, shard_pattern, write_set_files, wr
 VIDEO_PREFIX = "moving-shapes-"
 
 
-def encode_mp4(frames: Sequence[Image.Image], fps: int) -> bytes:
-    """H.264 in MP4 at full chroma (yuv444p) and a low CRF: 4:2:0 would bleed a 32 px shape's
-    colour into the background, as 4:2:0 JPEG does in the image demo."""
+def encode_mp4(frames: Sequence[Image.Image], fps: int, pix_fmt: str = "yuv444p") -> bytes:
+    """H.264 in MP4 at a low CRF, at full chroma by default (yuv444p): 4:2:0 would bleed a 32 px
+    shape's colour into the background, as 4:2:0 JPEG does in the image demo. Browsers play
+    yuv420p only (even sizes)."""
     import av
 
     buf = io.BytesIO()
     w, h = frames[0].size
     with av.open(buf, "w", format="mp4") as out:
         stream = out.add_stream("libx264", rate=Fraction(fps), options={"crf": "10"})
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv444p"
+        stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
         for frame in frames:
             out.mux(stream.encode(av.VideoFrame.from_image(frame.convert("RGB"))))
         out.mux(stream.encode())

@@ -73,7 +73,8 @@ def sharded_grad_norm(pl_module: L.LightningModule) -> torch.Tensor:
 
 
 class SamplePreview(L.Callback):
-    """Every `every_n_steps` and at the end, writes `pl_module.preview(...)` as a PNG and logs it.
+    """Every `every_n_steps` and at the end, writes `pl_module.preview(...)` as a PNG and logs it
+    (a video model's: a frame strip PNG, an mp4 and a GIF).
 
     The batch shown is the first training batch, kept on CPU so previews are comparable.
     """
@@ -129,9 +130,10 @@ class SamplePreview(L.Callback):
             grid = pl_module.preview(self._batch, self.prompts, **self.kwargs, **extra)
         path = Path(trainer.default_root_dir) / self.dirname / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        grid.save(path)
+        written = grid.save(path) or [path]  # a video model's clips: also .mp4 and .gif
         self.last_path = path
-        log_artifact(trainer, path, self.dirname)
+        for file in written:
+            log_artifact(trainer, file, self.dirname)
 
 
 class ExportOnTrainEnd(L.Callback):

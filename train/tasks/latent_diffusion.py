@@ -22,9 +22,10 @@ from train.distributed.sharding import clean_name
 from train.models import adapters
 from train.models.backbones.base import Backbone
 from train.models.conditioning import Conditioning
-from train.models.parts import FrozenParts, vae_scale_factor
+from train.models.parts import FrozenParts, posterior_of, vae_scale_factor
 from train.objectives.base import per_sample_mse, stratified_levels
 from train.tasks import inpainting, pipelines
+from train.tasks.clips import Clips
 from train.tasks.fit_checks import check_shift_factor, check_text_adapter
 from train.tasks.optim import OptimizerFactory, SchedulerFactory, optimizer_config
 from train.tasks.rng import SampleRNG, row_offset
@@ -140,14 +141,15 @@ class LatentDiffusion(L.LightningModule):
         return rng.rand() < self.caption_dropout
 
     def batch_latents(self, batch: dict, rng: SampleRNG) -> torch.Tensor:
-        """Scaled latents [B, C, h, w] sampled from the VAE posterior: precomputed moments when
-        the batch has them (``ldm-data encode`` shards), else by encoding ``pixel_values``."""
+        """Scaled latents [B, C, h, w] (clips: [B, C, F, h, w]) sampled from the VAE posterior:
+        precomputed moments when the batch has them (``ldm-data encode`` shards), else by
+        encoding ``pixel_values``."""
         if "latent_moments" in batch:
             posterior = DiagonalGaussianDistribution(batch["latent_moments"].to(self.vae.dtype))
         else:
             with torch.no_grad():
                 pixels = batch["pixel_values"].to(self.vae.dtype)
-                posterior = self.vae.encode(pixels).latent_dist
+                posterior = posterior_of(self.vae, pixels)
         eps = rng.randn(tuple(posterior.mean.shape[1:]), posterior.mean.dtype)
         # (z - shift) * scale: what the pipelines' decode (z / scale + shift) inverts.
         return (posterior.mean + posterior.std * eps - self.latent_shift) * self.latent_scale
@@ -278,9 +280,10 @@ class LatentDiffusion(L.LightningModule):
         num_inference_steps: int = 25,
         guidance_scale: float = 4.0,
         model: nn.Module | None = None,
-    ) -> Image.Image:
+    ) -> Image.Image | Clips:
         """A grid of samples for `prompts` (or the batch's captions) from diffusers' pipeline; a
-        ControlNet's with the batch's control images, an inpainting model's on its images."""
+        ControlNet's with the batch's control images, an inpainting model's on its images; a
+        video model's clips (their `save` writes a frame strip, an mp4 and a GIF)."""
         prompts = prompts or list(batch["caption"])[:8]
         return pipelines.preview(
             self, prompts, seed, num_inference_steps, guidance_scale, model, batch

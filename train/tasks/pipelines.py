@@ -17,6 +17,7 @@ from PIL import Image
 from train.errors import ConfigError
 from train.exports import kohya_lora
 from train.models import adapters
+from train.tasks.clips import Clips
 from train.util import atomic_dir, image_grid
 
 
@@ -59,7 +60,8 @@ def generate(
     batch: dict | None = None,
 ) -> Any:
     """Images for `prompts` at the trained size (the trained model in eval mode meanwhile):
-    PIL images, or with ``output_type="pt"`` a float tensor [N, 3, H, W] in [0, 1]. ``batch``:
+    PIL images, or with ``output_type="pt"`` a float tensor [N, 3, H, W] in [0, 1]; a video
+    model's clips: lists of PIL frames, or [N, F, 3, H, W]. ``batch``:
     a training batch, for the image inputs a backbone samples from (ControlNet, inpainting)."""
     trained = module.trainable
     was_training = trained.training
@@ -67,7 +69,7 @@ def generate(
     images = module.backbone.sample_inputs(batch, len(prompts))
     try:
         size = module.resolution
-        return build(module, model=model)(
+        out = build(module, model=model)(
             prompts,
             num_inference_steps=steps,
             guidance_scale=guidance_scale,
@@ -78,7 +80,8 @@ def generate(
             **images,
             **module.backbone.pipeline_call_kwargs(),
             **getattr(module.conditioner, "pipeline_call_kwargs", dict)(),
-        ).images
+        )
+        return out.frames if hasattr(out, "frames") else out.images  # video pipelines: frames
     finally:
         trained.train(was_training)
 
@@ -91,10 +94,13 @@ def preview(
     guidance_scale: float,
     model: torch.nn.Module | None = None,
     batch: dict | None = None,
-) -> Image.Image:
-    """A grid of samples for `prompts` (``batch``: the image inputs' source, see generate)."""
+) -> Image.Image | Clips:
+    """A grid of samples for `prompts`, or a video model's clips (``batch``: the image inputs'
+    source, see generate)."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
     images = generate(module, prompts, generator, steps, guidance_scale, model, batch=batch)
+    if getattr(module.backbone, "video", False):
+        return Clips(images, module.backbone.fps)
     return image_grid(images)
 
 
@@ -108,6 +114,7 @@ def export(module: Any, out_dir: str | Path, model: torch.nn.Module | None = Non
         model = adapters.merged(model)
     with atomic_dir(out_dir) as tmp:
         build(module, scheduler, model, merge=True).save_pretrained(tmp, safe_serialization=True)
+        module.backbone.save_extras(model, tmp)
     return Path(out_dir)
 
 

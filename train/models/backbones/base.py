@@ -117,6 +117,10 @@ class Backbone(nn.Module):
 
         return train_flops(self, batch, latent, cond)
 
+    def save_extras(self, model: nn.Module, folder: Any) -> None:
+        """Write what an export holds besides the pipeline's own folders (AnimateDiff's motion
+        modules alone); `model`: the exported weights."""
+
     def pipeline_extras(self) -> dict[str, Any]:
         """Further pipeline constructor arguments (plain values) besides the components."""
         return {}
@@ -131,25 +135,25 @@ class Backbone(nn.Module):
         return set()
 
     def from_state(self, state: dict[str, torch.Tensor]) -> nn.Module:
-        """A plain copy of `model` holding `state` (gathered shards, EMA weights); for an
-        adapter, `state` may hold the adapter alone (an adapter run's EMA): the copy keeps the
-        live model's frozen base."""
+        """A plain copy of `model` holding `state` (gathered shards, EMA weights); `state` may
+        hold the trained weights alone (an adapter's, motion modules': such a run's EMA): the
+        copy keeps the live model's frozen ones."""
         # Counted, not compared with state_dict(): under FSDP that is a collective, and this
-        # runs on rank 0 alone. A state with fewer entries than parameters is the adapter's.
-        if self.adapter is not None and len(state) < sum(1 for _ in self.model.parameters()):
-            return self._adapter_from_state(state)
+        # runs on rank 0 alone. A state with fewer entries than parameters is the trained part's.
+        if len(state) < sum(1 for _ in self.model.parameters()):
+            return self._partial_from_state(state)
         model = type(self.model).from_config(self.model.config)
         if self.adapter is not None:
             adapters.attach(model, self.adapter)
         model.load_state_dict(state, strict=True)
         return model
 
-    def _adapter_from_state(self, state: dict[str, torch.Tensor]) -> nn.Module:
+    def _partial_from_state(self, state: dict[str, torch.Tensor]) -> nn.Module:
         model = copy.deepcopy(self.model)
         missing = sorted(adapters.trainable_keys(model) - set(state))
         unexpected = sorted(set(state) - set(model.state_dict()))
         if missing or unexpected:
-            raise ValueError(f"adapter state does not fit the model: missing {missing[:3]}, "
+            raise ValueError(f"the trained weights do not fit the model: missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]}")  # fmt: skip
         model.load_state_dict(state, strict=False)
         return model
