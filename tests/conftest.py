@@ -28,6 +28,16 @@ def demo_shards(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def motion_shards(tmp_path_factory) -> Path:
+    """A small moving-shapes set (32 clips of 5 frames at 16 px, H.264 mp4, in 2 shards)."""
+    from data.shards_video import write_motion_demo_shards
+
+    out = tmp_path_factory.mktemp("moving_shapes")
+    write_motion_demo_shards(out, num_samples=32, samples_per_shard=16, size=16, frames=5, seed=1)
+    return out
+
+
+@pytest.fixture(scope="session")
 def _tiny_run(tmp_path_factory, demo_shards):
     """`ldm-train` in the test process, as a user runs it (so its console output can be read):
     (run_dir, cfg, the CompletedProcess)."""

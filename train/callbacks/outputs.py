@@ -175,7 +175,7 @@ class ExportOnTrainEnd(L.Callback):
             lineage = finetune_tags(pl_module)
             self._publish(trainer, self.path, self.dirname, self.register_as, "diffusers",
                           lineage)  # fmt: skip
-            if getattr(pl_module, "backbone", None) is not None:
+            if getattr(getattr(pl_module, "backbone", None), "adapter", None) is not None:
                 self._export_adapter(trainer, pl_module, root, extra.get("model"), lineage)
 
     def _export_adapter(self, trainer, pl_module, root: Path, model: Any, lineage: dict) -> None:

@@ -1,5 +1,6 @@
 """`ldm-sample EXPORT --prompt ... --out grid.png`: generate with diffusers' own pipeline (from
-text, or from an image with --init-image, --mask; a LoRA with --lora)."""
+text, or from an image with --init-image, --mask; a LoRA with --lora); a video export's clips
+with `--frames N --out clip.mp4`."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from train.cli import sample_images
+from train.cli import sample_images, sample_video
 from train.errors import (
     BAD_INPUT,
     ArgumentParser,
@@ -179,7 +180,8 @@ def main(argv: list[str] | None = None) -> None:
     p = ArgumentParser(prog="ldm-sample", description=__doc__)
     p.add_argument("export", help="a diffusers-layout folder written by ldm-train / ldm-export")
     p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
-    p.add_argument("--out", default="grid.png", help="PNG grid to write")
+    p.add_argument("--out", default="grid.png",
+                   help="PNG grid to write; a video export: .mp4, .gif or .png")  # fmt: skip
     p.add_argument("--num-per-prompt", type=positive_int, default=1)
     p.add_argument("--steps", type=positive_int, default=25)
     p.add_argument("--guidance-scale", "--cfg", type=float, default=4.0)
@@ -192,10 +194,12 @@ def main(argv: list[str] | None = None) -> None:
         help="also load .bin/.ckpt weights (runs pickle: only for files you trust)",
     )
     sample_images.add_arguments(p)
+    sample_video.add_arguments(p)
     args = p.parse_args(argv)
     with bad_input("ldm-sample:", debug_flag(args)):
         check_export(args.export)  # before the imports of load_pipeline (seconds)
         sample_images.check_arguments(args)
+        sample_video.check_arguments(args)
     from train.util import image_grid
 
     # OSError: diffusers refusing pickle-based weights, or a part missing from the export.
@@ -206,6 +210,13 @@ def main(argv: list[str] | None = None) -> None:
             sample_images.apply_lora(pipe, args.lora, args.lora_scale, args.export)
     warn_long_prompts(pipe, args.prompt)
     prompts = [pr for pr in args.prompt for _ in range(args.num_per_prompt)]
+    if sample_video.is_video_export(args.export):
+        frames = args.frames or sample_video.DEFAULT_FRAMES
+        clips = sample_video.generate_clips(pipe, prompts, frames, args.steps,
+                                            args.guidance_scale, args.seed)  # fmt: skip
+        sample_video.write_clips(clips, args.out, args.fps)
+        print(f"wrote {len(clips)} clips of {frames} frames to {args.out}")
+        return
     images = generate(pipe, prompts, args.steps, args.guidance_scale, args.seed, extra=image_kwargs)
     if args.keep_unmasked:
         images = sample_images.keep_unmasked(pipe, image_kwargs, images, args.mask_blur)

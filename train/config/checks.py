@@ -56,6 +56,7 @@ def early_checks(
         check_image_inputs,
         check_resolution,
         check_values,
+        check_video_inputs,
     )
 
     missing = sorted(OmegaConf.missing_keys(cfg))
@@ -64,6 +65,7 @@ def early_checks(
     check_values(cfg)
     check_adapter_strategy(cfg)
     check_image_inputs(cfg)
+    check_video_inputs(cfg)
     data = cfg.get("data") or {}
     check_data(cfg, local_paths)
     check_resolution(cfg, local_paths)

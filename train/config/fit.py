@@ -106,6 +106,29 @@ def check_image_inputs(cfg: DictConfig) -> None:
         )
 
 
+# Backbones that train on clips (data.video), by class name: read before model code is imported.
+VIDEO_BACKBONES = ("MotionUNetBackbone",)
+
+
+def check_video_inputs(cfg: DictConfig) -> None:
+    """A video backbone needs clips (data.video), an image backbone images."""
+    target = str(OmegaConf.select(cfg, "model.backbone._target_", default="") or "")
+    video = OmegaConf.select(cfg, "data.video", default=None) is not None
+    if not target or "data" not in cfg:
+        return
+    if target.rsplit(".", 1)[-1] in VIDEO_BACKBONES and not video:
+        raise ConfigError(
+            f"model.backbone is {target.rsplit('.', 1)[-1]}, a video model, but data.video is "
+            "not set: read clips from video shards with +data/video=clips (conf/data/video/)"
+        )
+    if target.rsplit(".", 1)[-1] not in VIDEO_BACKBONES and video:
+        raise ConfigError(
+            f"data.video is set but model.backbone ({target.rsplit('.', 1)[-1]}) is an image "
+            "model: train clips with a video backbone (model/backbone=motion or motion_tiny) "
+            "or drop +data/video (data.video=null)"
+        )
+
+
 def resolution_problem(
     have: int,
     sample_size: int,
@@ -136,9 +159,12 @@ def check_resolution(cfg: DictConfig, local_paths: bool = True) -> None:
     x 2**(VAE levels-1), for backbones whose config has a sample size."""
     model = cfg.get("model") or {}
     have = OmegaConf.select(cfg, "data.resolution", default=None)
-    # A ControlNet's base UNet sets the size (the ControlNet's own config has none).
-    base = OmegaConf.select(cfg, "model.backbone.base.model", default=None)
-    backbone = base or OmegaConf.select(cfg, "model.backbone.model", default=None)
+    # A ControlNet's base UNet sets the size (the ControlNet's own config has none), and an
+    # AnimateDiff backbone's image UNet.
+    key = next((k for k in ("base.model", "unet", "model")
+                if OmegaConf.select(cfg, f"model.backbone.{k}", default=None) is not None),
+               "model")  # fmt: skip
+    backbone = OmegaConf.select(cfg, f"model.backbone.{key}", default=None)
     if not isinstance(have, int) or backbone is None or model.get("vae") is None:
         return
     unet = part_config(backbone, local_paths)
@@ -147,7 +173,7 @@ def check_resolution(cfg: DictConfig, local_paths: bool = True) -> None:
     if not isinstance(sample_size, int) or not blocks:
         return  # a hub id, or a part whose config does not say: the run checks it once built
     pretrained = str(backbone.get("_target_", "")).endswith(".from_pretrained")
-    setting = f"model.backbone.{'base.' if base else ''}model.sample_size"
+    setting = f"model.backbone.{key}.sample_size"
     problem = resolution_problem(have, sample_size, 2 ** (len(blocks) - 1), pretrained, setting)
     if problem:
         raise ConfigError(problem)

@@ -132,6 +132,8 @@ def lora_format_problem(module: Any, model: torch.nn.Module | None = None) -> st
     model = model if model is not None else module.trainable
     if not adapters.has_adapter(model):
         return "the model has no adapter (model.backbone.adapter)"
+    if getattr(module.backbone, "trains_besides_adapter", False):
+        return f"{type(module.backbone).__name__} trains more than its adapter"
     pipeline = module.backbone.pipeline_class
     if not hasattr(getattr(diffusers, pipeline), "save_lora_weights"):
         return f"{pipeline} has no LoRA format in diffusers"
@@ -174,6 +176,8 @@ KOHYA_FILE = "lora.safetensors"
 def kohya_format_problem(module: Any, model: torch.nn.Module | None = None) -> str | None:
     """Why `model` (default: the trained one) has no kohya / A1111 / ComfyUI LoRA file, or None
     when it has one (UNet families' LoRAs; ComfyUI reads SD3's and Flux's diffusers-lora)."""
+    if getattr(module.backbone, "trains_besides_adapter", False):
+        return f"{type(module.backbone).__name__} trains more than its adapter"
     if module.backbone.component != "unet":
         return (f"the kohya format is for UNet LoRAs; ComfyUI loads a {module.backbone.component}"
                 " LoRA in the diffusers-lora format")  # fmt: skip

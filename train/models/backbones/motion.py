@@ -85,6 +85,9 @@ class MotionUNetBackbone(UNetBackbone):
     setting = "model.backbone.unet"
     sample_size_setting = "model.backbone.unet.sample_size"
     video = True
+    # An adapter (a LoRA on the image UNet) trains beside the motion modules: alone it is not
+    # the model, so only merged exports are written.
+    trains_besides_adapter = True
 
     def __init__(
         self,
@@ -117,9 +120,18 @@ class MotionUNetBackbone(UNetBackbone):
                 f"motion_max_seq_length={model.config.motion_max_seq_length}; sample at most "
                 "that many frames or set model.backbone.motion_adapter.motion_max_seq_length"
             )
+        if train_image_weights and adapter is not None:
+            raise ConfigError(
+                "model.backbone.train_image_weights=true trains the image UNet whole, "
+                "model.backbone.adapter an adapter on it: set one"
+            )
         if not train_image_weights:
             model.freeze_unet2d_params()
         super().__init__(model, gradient_checkpointing, adapter)
+        if adapter is not None:  # peft freezes all but the adapter: the motion modules train too
+            for name, param in model.named_parameters():
+                if "motion_modules" in name:
+                    param.requires_grad_(True)
         self.num_frames, self.fps = num_frames, fps
         self.pipeline_class = "AnimateDiffSDXLPipeline" if self.is_sdxl else "AnimateDiffPipeline"
 
