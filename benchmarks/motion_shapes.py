@@ -21,7 +21,13 @@ from pathlib import Path
 import torch
 from machine import cpu_model  # benchmarks/machine.py, beside this script
 
-from data.shapes_video import heldout_motion_specs, score_clips, train_motion_specs
+from data.shapes_video import (
+    DIRECTIONS,
+    heldout_motion_specs,
+    predict_clip,
+    score_clips,
+    train_motion_specs,
+)
 from train.cli.sample import load_pipeline
 from train.tasks.clips import Clips
 
@@ -37,6 +43,19 @@ def sample(pipe, captions: list[str], args: argparse.Namespace) -> list[list]:
                       guidance_scale=args.guidance_scale, generator=gens, height=size,
                       width=size, output_type="pil").frames  # fmt: skip
     return clips
+
+
+def scores(clips: list[list], specs: list) -> dict[str, float]:
+    """The checker's colour / direction / all, and "axis": the motion along the prompted axis
+    (horizontal or vertical) whatever its sign, which tells a model that reads the direction's
+    words but not their order ("left to right" vs "right to left") from one that reads neither."""
+    out = score_clips(clips, specs)
+    on_axis = [
+        (p := predict_clip(c)["direction"]) is not None
+        and (DIRECTIONS[p][0] != 0) == (DIRECTIONS[s.direction][0] != 0)
+        for c, s in zip(clips, specs, strict=True)
+    ]
+    return out | {"axis": sum(on_axis) / len(on_axis)}
 
 
 def main() -> None:
@@ -59,8 +78,8 @@ def main() -> None:
     seen_clips = sample(pipe, [s.caption for s in seen], args)
     wall = time.perf_counter() - start
     result = {
-        "heldout": score_clips(held_clips, held),
-        "train": score_clips(seen_clips, seen),
+        "heldout": scores(held_clips, held),
+        "train": scores(seen_clips, seen),
         "num_heldout": len(held),
         "num_train": len(seen),
         "frames": args.frames,

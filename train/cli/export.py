@@ -125,9 +125,13 @@ def export_checkpoint(
 
             return export_kohya(module, out_dir, model)
         return module.export(out_dir, model)
+    from train.models.backbones.motion import save_motion_adapter
+
     pipe = checkpoint_pipeline(ckpt, use_ema)
     with atomic_dir(out_dir) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        if hasattr(pipe, "unet"):  # an AnimateDiff export's motion_adapter/ too
+            save_motion_adapter(pipe.unet, tmp)
     return Path(out_dir)
 
 

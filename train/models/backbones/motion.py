@@ -69,6 +69,14 @@ def unet_problems(unet: dict[str, Any], adapter: dict[str, Any] | None) -> list[
     return problems
 
 
+def save_motion_adapter(model: nn.Module, export: str | Path) -> None:
+    """`export`/motion_adapter/: a motion UNet's motion modules alone, which
+    `MotionAdapter.from_pretrained` loads over another image model (AnimateDiffPipeline's
+    from_pretrained ignores the folder); nothing for other models."""
+    if isinstance(model, UNetMotionModel):
+        model.save_motion_modules(str(Path(export) / MOTION_ADAPTER_DIR))
+
+
 def zero_motion_outputs(model: UNetMotionModel) -> None:
     """Zero each temporal transformer's output projection, so the motion UNet starts out as the
     image UNet applied frame by frame (Guo et al. 2023, 4.3; diffusers' MotionAdapter does not)."""
@@ -162,9 +170,7 @@ class MotionUNetBackbone(UNetBackbone):
         return extras | ({"force_zeros_for_empty_prompt": False} if self.is_sdxl else {})
 
     def save_extras(self, model: nn.Module, folder: Any) -> None:
-        # `MotionAdapter.from_pretrained(EXPORT/motion_adapter)` loads them over another image
-        # model (AnimateDiffPipeline.from_pretrained ignores the folder).
-        model.save_motion_modules(str(Path(folder) / MOTION_ADAPTER_DIR))
+        save_motion_adapter(model, folder)
 
     def pipeline_call_kwargs(self) -> dict[str, Any]:
         return {"num_frames": self.num_frames}
