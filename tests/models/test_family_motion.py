@@ -140,7 +140,7 @@ def test_image_unets_animatediff_cannot_hold_are_named():
 @pytest.mark.parametrize(
     ("overrides", "needle"),
     [
-        (("data.video=null",), "a video model, but data.video is not set"),
+        (("data.video=null",), "these are video shards: read them with +data/video=clips"),
         (("model/backbone=unet_tiny", "model.backbone.model.cross_attention_dim=384"),
          "data.video is set but model.backbone (UNetBackbone) is an image model"),
         (("model.backbone.unet.sample_size=4",), "model.backbone.unet.sample_size"),
@@ -206,3 +206,11 @@ def test_ldm_export_of_last_ckpt_equals_the_runs_export(motion_run, tmp_path):
     for f in files:
         a, b = load_file(export / f), load_file(again / f)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+
+
+def test_a_video_backbone_without_clips_is_refused():
+    from train.config.fit import check_video_inputs
+
+    cfg = compose([*MOTION, "data.urls=/nowhere", "data.video=null"])
+    with pytest.raises(ConfigError, match="a video model, but data.video is not set"):
+        check_video_inputs(cfg)

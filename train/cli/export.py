@@ -130,8 +130,8 @@ def export_checkpoint(
     pipe = checkpoint_pipeline(ckpt, use_ema)
     with atomic_dir(out_dir) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        if hasattr(pipe, "unet"):  # an AnimateDiff export's motion_adapter/ too
-            save_motion_adapter(pipe.unet, tmp)
+        for part in pipe.components.values():  # an AnimateDiff export's motion_adapter/ too
+            save_motion_adapter(part, tmp)
     return Path(out_dir)
 
 

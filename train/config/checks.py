@@ -65,9 +65,9 @@ def early_checks(
     check_values(cfg)
     check_adapter_strategy(cfg)
     check_image_inputs(cfg)
-    check_video_inputs(cfg)
     data = cfg.get("data") or {}
     check_data(cfg, local_paths)
+    check_video_inputs(cfg)  # after the shards' own media check, which names what they hold
     check_resolution(cfg, local_paths)
     _check_tracking_uri(cfg)
     paths = cfg.get("paths") or {}

@@ -69,7 +69,7 @@ def unet_problems(unet: dict[str, Any], adapter: dict[str, Any] | None) -> list[
     return problems
 
 
-def save_motion_adapter(model: nn.Module, export: str | Path) -> None:
+def save_motion_adapter(model: Any, export: str | Path) -> None:
     """`export`/motion_adapter/: a motion UNet's motion modules alone, which
     `MotionAdapter.from_pretrained` loads over another image model (AnimateDiffPipeline's
     from_pretrained ignores the folder); nothing for other models."""
