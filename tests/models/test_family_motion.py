@@ -6,6 +6,7 @@ mp4 and a GIF; and the settings that cannot work are refused before a start."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import av
@@ -150,7 +151,7 @@ def test_video_and_image_settings_that_cannot_meet_are_refused(overrides, needle
     from train.config.checks import early_checks
 
     cfg = compose([*MOTION, f"data.urls={motion_shards}", *overrides])
-    with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ConfigError, match=re.escape(needle)):
         early_checks(cfg, run_dir=False)
 
 
