@@ -20,6 +20,7 @@ from train.callbacks.preemption import preempted
 from train.distributed.sharding import full_state_dict, is_sharded
 from train.errors import ConfigError
 from train.tasks import pipelines
+from train.tasks.clips import Clips
 from train.tracking.lineage import finetune_tags
 from train.tracking.tags import (
     MLFLOW_RUN_ID_KEY,
@@ -130,7 +131,11 @@ class SamplePreview(L.Callback):
             grid = pl_module.preview(self._batch, self.prompts, **self.kwargs, **extra)
         path = Path(trainer.default_root_dir) / self.dirname / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        written = grid.save(path) or [path]  # a video model's clips: also .mp4 and .gif
+        if isinstance(grid, Clips):  # a video model's: the strip, and .mp4 and .gif beside it
+            written = grid.save(path)
+        else:
+            grid.save(path)
+            written = [path]
         self.last_path = path
         for file in written:
             log_artifact(trainer, file, self.dirname)

@@ -125,13 +125,11 @@ def export_checkpoint(
 
             return export_kohya(module, out_dir, model)
         return module.export(out_dir, model)
-    from train.models.backbones.motion import save_motion_adapter
+    from train.tasks.pipelines import save_pipeline
 
     pipe = checkpoint_pipeline(ckpt, use_ema)
     with atomic_dir(out_dir) as tmp:
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        for part in pipe.components.values():  # an AnimateDiff export's motion_adapter/ too
-            save_motion_adapter(part, tmp)
+        save_pipeline(pipe, tmp)
     return Path(out_dir)
 
 

@@ -211,10 +211,12 @@ def main(argv: list[str] | None = None) -> None:
     warn_long_prompts(pipe, args.prompt)
     prompts = [pr for pr in args.prompt for _ in range(args.num_per_prompt)]
     if sample_video.is_video_export(args.export):
+        from train.tasks.clips import Clips
+
         frames = args.frames or sample_video.DEFAULT_FRAMES
         clips = sample_video.generate_clips(pipe, prompts, frames, args.steps,
                                             args.guidance_scale, args.seed)  # fmt: skip
-        sample_video.write_clips(clips, args.out, args.fps)
+        Clips(clips, args.fps).write(args.out)
         print(f"wrote {len(clips)} clips of {frames} frames to {args.out}")
         return
     images = generate(pipe, prompts, args.steps, args.guidance_scale, args.seed, extra=image_kwargs)

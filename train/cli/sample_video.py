@@ -1,5 +1,5 @@
 """ldm-sample's clips: `--frames N --out clip.mp4` for a video export (AnimateDiff), written as an
-mp4, an animated GIF or a frame strip PNG by the suffix of --out."""
+mp4, an animated GIF or a frame strip PNG by the suffix of --out (train.tasks.clips)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from train.errors import ConfigError, positive_int
+from train.tasks.clips import CLIP_SUFFIXES
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
@@ -16,7 +17,6 @@ if TYPE_CHECKING:
 
 # Pipelines whose call takes num_frames and returns clips, by model_index.json's class name.
 VIDEO_PIPELINES = ("AnimateDiffPipeline", "AnimateDiffSDXLPipeline")
-CLIP_SUFFIXES = (".mp4", ".gif", ".png")  # .png: one row per clip, one column per frame
 DEFAULT_FRAMES = 16  # AnimateDiffPipeline's own
 
 
@@ -65,17 +65,3 @@ def generate_clips(
                       guidance_scale=guidance_scale, generator=generator,
                       output_type="pil").frames  # fmt: skip
     return clips
-
-
-def write_clips(clips: list[list[Image.Image]], out: str | Path, fps: int) -> Path:
-    from train.tasks.clips import Clips
-
-    written = Clips(clips, fps)
-    suffix = Path(out).suffix.lower()
-    if suffix == ".mp4":
-        return written.save_mp4(out)
-    if suffix == ".gif":
-        return written.save_gif(out)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    written.strip().save(out)
-    return Path(out)

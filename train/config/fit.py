@@ -113,17 +113,18 @@ VIDEO_BACKBONES = ("MotionUNetBackbone",)
 def check_video_inputs(cfg: DictConfig) -> None:
     """A video backbone needs clips (data.video), an image backbone images."""
     target = str(OmegaConf.select(cfg, "model.backbone._target_", default="") or "")
-    video = OmegaConf.select(cfg, "data.video", default=None) is not None
     if not target or "data" not in cfg:
         return
-    if target.rsplit(".", 1)[-1] in VIDEO_BACKBONES and not video:
+    name = target.rsplit(".", 1)[-1]
+    video = OmegaConf.select(cfg, "data.video", default=None) is not None
+    if name in VIDEO_BACKBONES and not video:
         raise ConfigError(
-            f"model.backbone is {target.rsplit('.', 1)[-1]}, a video model, but data.video is "
+            f"model.backbone is {name}, a video model, but data.video is "
             "not set: read clips from video shards with +data/video=clips (conf/data/video/)"
         )
-    if target.rsplit(".", 1)[-1] not in VIDEO_BACKBONES and video:
+    if name not in VIDEO_BACKBONES and video:
         raise ConfigError(
-            f"data.video is set but model.backbone ({target.rsplit('.', 1)[-1]}) is an image "
+            f"data.video is set but model.backbone ({name}) is an image "
             "model: train clips with a video backbone (model/backbone=motion or motion_tiny) "
             "or drop +data/video (data.video=null)"
         )

@@ -10,6 +10,8 @@ from PIL import Image
 
 from train.util import image_grid
 
+CLIP_SUFFIXES = (".mp4", ".gif", ".png")  # .png: one row per clip, one column per frame
+
 
 class Clips:
     """Clips of PIL frames (one list per clip), played at `fps`."""
@@ -36,27 +38,31 @@ class Clips:
         """`path` (a PNG strip), and beside it `.mp4` and `.gif` of the clips in a grid; returns
         the files written."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.strip().save(path)
-        mp4, gif = path.with_suffix(".mp4"), path.with_suffix(".gif")
-        return [path, self.save_mp4(mp4), self.save_gif(gif)]
+        frames = self.animated()  # the grid of each frame, once for both
+        return [self.write(path), self.write(path.with_suffix(".mp4"), frames),
+                self.write(path.with_suffix(".gif"), frames)]  # fmt: skip
 
-    def save_mp4(self, path: str | Path) -> Path:
-        """The clips in a grid as one H.264 mp4 (4:2:0, which browsers play)."""
+    def write(self, path: str | Path, frames: list[Image.Image] | None = None) -> Path:
+        """One file, by its suffix: `.png` the strip, `.mp4` (H.264 4:2:0, which browsers play)
+        or `.gif` (looping) the clips in a grid; `frames`: that grid's frames when known."""
         from data.shards_video import encode_mp4
 
-        frames = [even_sized(f) for f in self.animated()]
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_bytes(encode_mp4(frames, self.fps, pix_fmt="yuv420p"))
-        return Path(path)
-
-    def save_gif(self, path: str | Path) -> Path:
-        """The clips in a grid as one looping GIF."""
-        frames = self.animated()
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        frames[0].save(path, save_all=True, append_images=frames[1:],
-                       duration=round(1000 / self.fps), loop=0)  # fmt: skip
-        return Path(path)
+        path = Path(path)
+        suffix = path.suffix.lower()
+        if suffix not in CLIP_SUFFIXES:
+            raise ValueError(f"{path}: clips are written as {', '.join(CLIP_SUFFIXES)}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if suffix == ".png":
+            self.strip().save(path)
+            return path
+        frames = frames or self.animated()
+        if suffix == ".mp4":
+            even = [even_sized(f) for f in frames]
+            path.write_bytes(encode_mp4(even, self.fps, pix_fmt="yuv420p"))
+        else:
+            frames[0].save(path, save_all=True, append_images=frames[1:],
+                           duration=round(1000 / self.fps), loop=0)  # fmt: skip
+        return path
 
 
 def even_sized(image: Image.Image) -> Image.Image:

@@ -113,9 +113,19 @@ def export(module: Any, out_dir: str | Path, model: torch.nn.Module | None = Non
     if adapters.has_adapter(model):
         model = adapters.merged(model)
     with atomic_dir(out_dir) as tmp:
-        build(module, scheduler, model, merge=True).save_pretrained(tmp, safe_serialization=True)
-        module.backbone.save_extras(model, tmp)
+        save_pipeline(build(module, scheduler, model, merge=True), tmp)
     return Path(out_dir)
+
+
+def save_pipeline(pipe: Any, folder: str | Path) -> None:
+    """`pipe.save_pretrained` (safetensors), plus what an export holds beside the pipeline's own
+    folders: a motion UNet's modules alone (motion_adapter/). Every export goes through here:
+    the run's and ldm-export's (which rebuilds the pipeline without a backbone)."""
+    from train.models.backbones.motion import save_motion_adapter
+
+    pipe.save_pretrained(folder, safe_serialization=True)
+    for part in pipe.components.values():
+        save_motion_adapter(part, folder)
 
 
 def text_adapters(module: Any) -> dict[str, torch.nn.Module]:

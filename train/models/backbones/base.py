@@ -117,10 +117,6 @@ class Backbone(nn.Module):
 
         return train_flops(self, batch, latent, cond)
 
-    def save_extras(self, model: nn.Module, folder: Any) -> None:
-        """Write what an export holds besides the pipeline's own folders (AnimateDiff's motion
-        modules alone); `model`: the exported weights."""
-
     def pipeline_extras(self) -> dict[str, Any]:
         """Further pipeline constructor arguments (plain values) besides the components."""
         return {}

@@ -89,9 +89,8 @@ def zero_motion_outputs(model: UNetMotionModel) -> None:
 class MotionUNetBackbone(UNetBackbone):
     """A `UNetMotionModel`: an image UNet (SD 1.x/2.x or SDXL) with trainable motion modules."""
 
-    component = "unet"
-    setting = "model.backbone.unet"
-    sample_size_setting = "model.backbone.unet.sample_size"
+    setting = SETTING
+    sample_size_setting = f"{SETTING}.sample_size"
     video = True
     # An adapter (a LoRA on the image UNet) trains beside the motion modules: alone it is not
     # the model, so only merged exports are written.
@@ -168,9 +167,6 @@ class MotionUNetBackbone(UNetBackbone):
     def pipeline_extras(self) -> dict[str, Any]:
         extras = {"motion_adapter": None}  # the motion UNet holds the modules
         return extras | ({"force_zeros_for_empty_prompt": False} if self.is_sdxl else {})
-
-    def save_extras(self, model: nn.Module, folder: Any) -> None:
-        save_motion_adapter(model, folder)
 
     def pipeline_call_kwargs(self) -> dict[str, Any]:
         return {"num_frames": self.num_frames}
