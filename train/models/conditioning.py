@@ -19,7 +19,8 @@ class Conditioning:
     # [B, 6] SDXL micro-conditioning: original size (h, w), crop top-left (y, x), target (h, w)
     sizes: torch.Tensor | None = None
     control: torch.Tensor | None = None  # a ControlNet's control: [B, 3, H, W] in [0, 1] or latents
-    # [B, 1 + C, h, w] an inpainting UNet's extra inputs: the mask and the masked image's latents
+    # [B, 1 + C, h, w] an inpainting UNet's extra inputs: the mask and the masked image's latents;
+    # [B, T + C, F', h, w] an image-to-video model's: the first-frame mask and latents
     inpaint: torch.Tensor | None = None
 
     def where(self, drop: torch.Tensor, null: Conditioning) -> Conditioning:

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from train.models.parts import normalize_latents
 from train.tasks.rng import SampleRNG
 
 
@@ -25,6 +26,6 @@ def inputs(module: Any, batch: dict, rng: SampleRNG) -> torch.Tensor:
     with torch.no_grad():
         posterior = module.vae.encode(masked.to(module.vae.dtype)).latent_dist
     eps = rng.randn(tuple(posterior.mean.shape[1:]), posterior.mean.dtype)
-    latents = (posterior.mean + posterior.std * eps - module.latent_shift) * module.latent_scale
+    latents = normalize_latents(module.vae, posterior.mean + posterior.std * eps)
     small = F.interpolate(mask, size=latents.shape[-2:])  # nearest, as the pipelines resize it
     return torch.cat([small.to(latents.dtype), latents], dim=1)

@@ -22,9 +22,16 @@ from train.distributed.sharding import clean_name
 from train.models import adapters
 from train.models.backbones.base import Backbone
 from train.models.conditioning import Conditioning
-from train.models.parts import FrozenParts, posterior_of, vae_scale_factor
+from train.models.parts import (
+    FrozenParts,
+    normalize_latents,
+    posterior_of,
+    vae_latent_channels,
+    vae_scale_factor,
+    vae_temporal_factor,
+)
 from train.objectives.base import per_sample_mse, stratified_levels
-from train.tasks import inpainting, pipelines
+from train.tasks import first_frame, inpainting, pipelines
 from train.tasks.clips import Clips
 from train.tasks.fit_checks import check_shift_factor, check_text_adapter
 from train.tasks.optim import OptimizerFactory, SchedulerFactory, optimizer_config
@@ -55,9 +62,10 @@ class LatentDiffusion(L.LightningModule):
         ``ldm-export`` finds it again for an adapter checkpoint."""
         super().__init__()
         self.base = base
-        backbone.check(int(vae.config.latent_channels), conditioner, objective)
+        backbone.check(vae_latent_channels(vae), conditioner, objective)
         check_shift_factor(backbone, vae)
         backbone.check_scale_factor(vae_scale_factor(vae))
+        backbone.check_temporal_factor(vae_temporal_factor(vae))
         self.backbone = backbone
         # The frozen parts are kept out of the module tree, so DDP, FSDP and DeepSpeed wrap,
         # shard and checkpoint only what trains, and every rank holds a whole VAE and text
@@ -115,15 +123,6 @@ class LatentDiffusion(L.LightningModule):
             part.to(device)
 
     @property
-    def latent_scale(self) -> float:
-        return float(self.vae.config.scaling_factor)
-
-    @property
-    def latent_shift(self) -> float:
-        """The VAE's latent mean (SD3's and Flux's VAEs set one; SD's have none)."""
-        return float(self.vae.config.get("shift_factor") or 0.0)
-
-    @property
     def resolution(self) -> int:
         return self.backbone.sample_size * vae_scale_factor(self.vae)
 
@@ -151,8 +150,7 @@ class LatentDiffusion(L.LightningModule):
                 pixels = batch["pixel_values"].to(self.vae.dtype)
                 posterior = posterior_of(self.vae, pixels)
         eps = rng.randn(tuple(posterior.mean.shape[1:]), posterior.mean.dtype)
-        # (z - shift) * scale: what the pipelines' decode (z / scale + shift) inverts.
-        return (posterior.mean + posterior.std * eps - self.latent_shift) * self.latent_scale
+        return normalize_latents(self.vae, posterior.mean + posterior.std * eps)
 
     def batch_conditioning(self, batch: dict, rng: SampleRNG | None) -> Conditioning:
         """The conditioner's output with caption dropout, plus SDXL's size micro-conditioning
@@ -174,7 +172,10 @@ class LatentDiffusion(L.LightningModule):
 
     def with_inpaint_inputs(self, batch: dict, cond: Conditioning, rng: SampleRNG) -> Conditioning:
         """`cond` with an inpainting backbone's mask and masked-image latents (drawn after the
-        noise, so the other draws are those of a text-to-image run); `cond` for the others."""
+        noise, so the other draws are those of a text-to-image run), or an image-to-video
+        backbone's first-frame mask and latents; `cond` for the others."""
+        if getattr(self.backbone, "first_frame", False):
+            return cond.with_inpaint(first_frame.inputs(self, batch))
         if not self.backbone.inpainting:
             return cond
         return cond.with_inpaint(inpainting.inputs(self, batch, rng))

@@ -70,7 +70,7 @@ def generate(
     try:
         size = module.resolution
         out = build(module, model=model)(
-            prompts,
+            prompt=prompts,  # by name: WanImageToVideoPipeline takes `image` first
             num_inference_steps=steps,
             guidance_scale=guidance_scale,
             generator=generator,

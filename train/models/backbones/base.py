@@ -106,6 +106,15 @@ class Backbone(nn.Module):
     def check_scale_factor(self, factor: int) -> None:
         """ConfigError when the model cannot work over a VAE that downsamples `factor`x."""
 
+    def check_temporal_factor(self, factor: int) -> None:
+        """ConfigError when the model cannot work over a VAE that packs `factor` frames into a
+        latent frame (image models see no frames; a video model's frame count must fit)."""
+        if factor != 1 and not getattr(self, "video", False):
+            raise ConfigError(
+                f"the VAE compresses time {factor}x (a video VAE), but {type(self).__name__} "
+                "generates images: use an image VAE (model/vae=...) or a video backbone"
+            )
+
     def frozen_parts(self) -> dict[str, nn.Module]:
         """Frozen pipeline components the backbone holds besides `model` (a ControlNet's base
         UNet), by their pipeline name: exported and recorded beside the VAE."""

@@ -164,6 +164,14 @@ class MotionUNetBackbone(UNetBackbone):
         added = added_cond_kwargs(model, cond)
         return model(x_t, t, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
 
+    def check_temporal_factor(self, factor: int) -> None:
+        if factor != 1:
+            raise ConfigError(
+                f"the VAE compresses time {factor}x, but AnimateDiff's motion modules run over an "
+                "image UNet whose latents are one per frame: use its image VAE (a per-frame 2D "
+                "VAE), or a video transformer for a video VAE (model/backbone=wan)"
+            )
+
     def pipeline_extras(self) -> dict[str, Any]:
         extras = {"motion_adapter": None}  # the motion UNet holds the modules
         return extras | ({"force_zeros_for_empty_prompt": False} if self.is_sdxl else {})
