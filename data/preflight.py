@@ -15,6 +15,7 @@ from data.metadata import field
 from data.sources import is_remote
 
 SAMPLES = 32  # a set whose first 32 samples are uncaptioned is not worth a start
+VIDEO_SAMPLES = 8  # videos are larger: their headers are read, not their frames
 
 
 def first_samples(shard: str, fields: list[str], limit: int = SAMPLES) -> list[dict[str, Any]]:
@@ -91,4 +92,37 @@ def media_problem(
     return (
         f"{key}: the first {len(samples)} samples of {shard} hold "
         f"{'|'.join(sorted(members & set(other)))} members and no {'|'.join(wanted)}; {hint}"
+    )
+
+
+def short_clips_problem(
+    key: str, shard: str, sampler: Any, video_keys: tuple[str, ...]
+) -> str | None:
+    """What to tell the user when every one of the first videos of ``shard`` is too short for
+    one clip of ``sampler`` (a ``data.video.ClipSampler``): every sample would be skipped as
+    too short, after the model is built. None when one is long enough (the loader then skips
+    and counts the short ones) or none could be probed (the loader counts those too)."""
+    import random
+
+    from data.video import VideoError, probe
+
+    infos = []
+    for raw in first_samples(shard, list(video_keys), limit=VIDEO_SAMPLES):
+        member = next((raw[k] for k in video_keys if raw.get(k)), None)
+        if not member:
+            continue
+        try:
+            infos.append(probe(member))
+        except VideoError:
+            continue
+    fixed = random.Random(0)
+    if not infos or any(sampler.times(info, fixed) is not None for info in infos):
+        return None
+    lengths = sorted(info.duration for info in infos)
+    fps = f"{sampler.fps:g} fps" if sampler.fps else "the videos' own rate"
+    return (
+        f"{key}: none of the first {len(infos)} videos of {shard} is long enough for a clip of "
+        f"data.video.num_frames={sampler.num_frames} at {fps} (it needs "
+        f"{sampler.needed(infos[0]):.2f} s; they last {lengths[0]:.2f}-{lengths[-1]:.2f} s): "
+        "lower data.video.num_frames (to a count the model takes) or data.video.fps"
     )

@@ -93,7 +93,7 @@ def check_data(cfg: DictConfig, local_paths: bool = True) -> None:
     from data.sources import resolve_shards
 
     data = cfg.get("data") or {}
-    check_clips(data)
+    sampler = check_clips(data)
     specs = [("data.urls", data.get("urls")), ("data.val_urls", data.get("val_urls"))]
     specs += [(f"data.datasets[{i}].urls", d.get("urls"))
               for i, d in enumerate(data.get("datasets") or [])]  # fmt: skip
@@ -114,25 +114,36 @@ def check_data(cfg: DictConfig, local_paths: bool = True) -> None:
         if not samples:
             continue
         problem = media_mismatch(data, key, shards[0], samples)
+        if sampler is not None and problem is None and not data.get("latents"):
+            problem = short_clips(data, key, shards[0], sampler)
         if fields is not None and problem is None:
             problem = caption_problem(key, spec, shards[0], samples, fields)
         if problem:
             raise ConfigError(problem)
 
 
-def check_clips(data: DictConfig) -> None:
-    """`data.video`'s own checks (a frame count the model cannot take): it is cheap to build."""
+def check_clips(data: DictConfig) -> Any:
+    """`data.video`'s own checks (a frame count the model cannot take): it is cheap to build.
+    Returns the ClipSampler (None without data.video)."""
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
     from train.errors import cause_of
 
     if data.get("video") is None:
-        return
+        return None
     try:
-        instantiate(data.video)
+        return instantiate(data.video)
     except InstantiationException as e:
         raise ConfigError(str(cause_of(e, (ValueError, TypeError)) or e)) from None
+
+
+def short_clips(data: DictConfig, key: str, shard: str, sampler: Any) -> str | None:
+    """Video shards whose first videos are all too short for one clip."""
+    from data.preflight import short_clips_problem
+    from data.video import VIDEO_KEYS
+
+    return short_clips_problem(key, shard, sampler, tuple(data.get("video_keys") or VIDEO_KEYS))
 
 
 def media_mismatch(data: DictConfig, key: str, shard: str, samples: list) -> str | None:
