@@ -205,17 +205,22 @@ def main(argv: list[str] | None = None) -> None:
     # OSError: diffusers refusing pickle-based weights, or a part missing from the export.
     with bad_input("ldm-sample:", debug_flag(args), (*BAD_INPUT, OSError)):
         pipe = load_pipeline(args.export, args.scheduler, args.allow_pickle)
-        pipe, image_kwargs = sample_images.image_pipeline(pipe, args)
+        video = sample_video.is_video_export(args.export)
+        if video:  # its first frame (--init-image) is the pipeline's own input
+            image_kwargs = sample_video.call_kwargs(pipe, args)
+        else:
+            pipe, image_kwargs = sample_images.image_pipeline(pipe, args)
         if args.lora:
             sample_images.apply_lora(pipe, args.lora, args.lora_scale, args.export)
     warn_long_prompts(pipe, args.prompt)
     prompts = [pr for pr in args.prompt for _ in range(args.num_per_prompt)]
-    if sample_video.is_video_export(args.export):
+    if video:
         from train.tasks.clips import Clips
 
         frames = args.frames or sample_video.DEFAULT_FRAMES
         clips = sample_video.generate_clips(pipe, prompts, frames, args.steps,
-                                            args.guidance_scale, args.seed)  # fmt: skip
+                                            args.guidance_scale, args.seed,
+                                            extra=image_kwargs)  # fmt: skip
         Clips(clips, args.fps).write(args.out)
         print(f"wrote {len(clips)} clips of {frames} frames to {args.out}")
         return

@@ -107,7 +107,7 @@ def check_image_inputs(cfg: DictConfig) -> None:
 
 
 # Backbones that train on clips (data.video), by class name: read before model code is imported.
-VIDEO_BACKBONES = ("MotionUNetBackbone",)
+VIDEO_BACKBONES = ("MotionUNetBackbone", "WanBackbone", "WanImageToVideoBackbone")
 
 
 def check_video_inputs(cfg: DictConfig) -> None:
@@ -125,7 +125,7 @@ def check_video_inputs(cfg: DictConfig) -> None:
     if name not in VIDEO_BACKBONES and video:
         raise ConfigError(
             f"data.video is set but model.backbone ({name}) is an image "
-            "model: train clips with a video backbone (model/backbone=motion or motion_tiny) "
+            "model: train clips with a video backbone (model/backbone=motion, wan or their _tiny) "
             "or drop +data/video (data.video=null)"
         )
 
