@@ -1,5 +1,5 @@
-"""ldm-sample's clips: `--frames N --out clip.mp4` for a video export (AnimateDiff), written as an
-mp4, an animated GIF or a frame strip PNG by the suffix of --out (train.tasks.clips)."""
+"""ldm-sample's clips: `--frames N --out clip.mp4` for a video export (AnimateDiff, Wan), written
+as an mp4, an animated GIF or a frame strip PNG by the suffix of --out (train.tasks.clips)."""
 
 from __future__ import annotations
 
@@ -108,7 +108,7 @@ def generate_clips(
     torch.manual_seed(seed)
     clips: list[list[Image.Image]] = []
     for i in range(0, len(prompts), batch_size):
-        clips += pipe(prompt=prompts[i : i + batch_size], num_frames=frames, num_inference_steps=steps,
-                      guidance_scale=guidance_scale, generator=generator,
-                      output_type="pil", **(extra or {})).frames  # fmt: skip
+        clips += pipe(prompt=prompts[i : i + batch_size], num_frames=frames,
+                      num_inference_steps=steps, guidance_scale=guidance_scale,
+                      generator=generator, output_type="pil", **(extra or {})).frames  # fmt: skip
     return clips

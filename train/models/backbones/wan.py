@@ -93,7 +93,8 @@ class WanBackbone(Backbone):
             raise ConfigError(
                 f"{SETTING}.image_dim={cfg.image_dim} reads CLIP image embeddings (Wan 2.1 "
                 "I2V), which training does not compute; set it to null (image-to-video here "
-                "conditions on the first frame's latents: model/backbone=wan_i2v)"
+                "conditions on the first frame's latents: WanImageToVideoBackbone, as in "
+                "model/backbone=wan_i2v_tiny)"
             )
         encoder = getattr(conditioner, "model", None)
         if getattr(getattr(encoder, "config", None), "use_attention_mask", True) is False:
