@@ -105,7 +105,9 @@ class WebDatasetDataModule(L.LightningDataModule):
         video_keys: tuple[str, ...] = VIDEO_KEYS,
     ) -> None:
         """``video``: read clips from video members (``video_keys``) instead of images;
-        batches then carry ``pixel_values`` [B, 3, F, H, W] and ``fps`` [B]."""
+        batches then carry ``pixel_values`` [B, 3, F, H, W] and ``fps`` [B]. With ``latents``
+        the clips were sampled and encoded by ``ldm-data encode`` (``latent_moments``
+        [B, 2C, F', h, w]); ``video`` then only states what they hold."""
         super().__init__()
         # Resolved and counted here so a bad path fails before any model is built.
         self.shards, self.weights = _datasets(urls, datasets)
@@ -131,10 +133,10 @@ class WebDatasetDataModule(L.LightningDataModule):
                                  "shards")  # fmt: skip
         self.control, self.mask = control, mask
         self.video, self.video_keys = video, tuple(video_keys)
-        if video is not None and (latents or buckets is not None or control or mask):
-            raise ValueError("data.video is set with data.latents, data.buckets, data.control "
-                             "or data.mask: video clips are read from video shards at "
-                             "data.resolution, without those (set them to null)")  # fmt: skip
+        if video is not None and (buckets is not None or control or mask):
+            raise ValueError("data.video is set with data.buckets, data.control or data.mask: "
+                             "video clips are read from video shards at data.resolution, "
+                             "without those (set them to null)")  # fmt: skip
         # A model that reads captions though the loader does not tokenize them (conditioners
         # with several tokenizers tokenize in the step) still needs every sample captioned.
         self.require_caption = require_caption or self.tokenizer is not None or latents

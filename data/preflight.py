@@ -126,3 +126,25 @@ def short_clips_problem(
         f"{sampler.needed(infos[0]):.2f} s; they last {lengths[0]:.2f}-{lengths[-1]:.2f} s): "
         "lower data.video.num_frames (to a count the model takes) or data.video.fps"
     )
+
+
+def latent_media_problem(key: str, shard: str, video: bool) -> str | None:
+    """What to tell the user when the first ``latent.npy`` of an encoded ``shard`` holds image
+    latents [2C, h, w] under a video config (``video``), or a clip's [2C, F', h, w] under an
+    image one; None when it fits or the shard has none (the loader reports those)."""
+    from data.decoders import npy_shape
+
+    with tarfile.open(shard) as tar:
+        member = next((m for m in tar if m.isfile() and m.name.endswith(".latent.npy")), None)
+        if member is None:
+            return None
+        shape = npy_shape(tar.extractfile(member).read())
+    if video and len(shape) == 3:
+        return (f"{key}: {shard} holds image latents ({member.name}: [2C, h, w] = "
+                f"{list(shape)}) but data.video is set: encode video shards with the video config "
+                "(ldm-data encode OUT +data/video=clips ...), or drop +data/video")  # fmt: skip
+    if not video and len(shape) == 4:
+        return (f"{key}: {shard} holds clip latents ({member.name}: [2C, F', h, w] = "
+                f"{list(shape)}) but data.video is not set: train them with a video model and "
+                "+data/video=clips at the num_frames they were encoded with")  # fmt: skip
+    return None

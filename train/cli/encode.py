@@ -3,8 +3,10 @@
 The frozen VAE and text encoder, resolution, captions, buckets and filters come from the same
 Hydra config ``ldm-train`` composes (the overrides are ``ldm-train``'s), so the encoded shards
 hold exactly what online training would compute. Every output shard keeps its input's name and
-samples (``KEY.latent.npy`` = VAE posterior mean and log-variance [2C, h, w], ``KEY.emb.npy`` =
-text hidden states [L, D], ``KEY.txt``, ``KEY.json``); a shard is written to a temporary name
+samples (``KEY.latent.npy`` = VAE posterior mean and log-variance [2C, h, w], or a clip's
+[2C, F', h, w], ``KEY.emb.npy`` = text hidden states [L, D], ``KEY.txt``, ``KEY.json``). A
+video's clip is its first ``data.video.num_frames`` frames at ``data.video.fps``, encoded once
+(as an image's crop is). A shard is streamed to a temporary name
 and renamed when complete, so a rerun skips finished shards and redoes the interrupted one.
 Train from them with ``data.urls=OUT data.latents=true``.
 """
@@ -21,6 +23,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from train.models.parts import posterior_of
 
 log = logging.getLogger(__name__)
 DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -67,14 +71,15 @@ class ShardEncoder:
 
     @torch.no_grad()
     def _encode(self, samples: list[dict[str, Any]]) -> list[dict[str, bytes]]:
-        # One forward per target size: batches of mixed aspect buckets cannot be stacked.
+        # One forward per shape: batches of mixed aspect buckets cannot be stacked.
         out: list[dict[str, bytes]] = [{} for _ in samples]
         by_size: dict[tuple[int, ...], list[int]] = {}
         for i, s in enumerate(samples):
-            by_size.setdefault(tuple(s["target_size"].tolist()), []).append(i)
+            by_size.setdefault(tuple(s["pixel_values"].shape), []).append(i)
         for idx in by_size.values():
             pixels = torch.stack([samples[i]["pixel_values"] for i in idx]).to(self.device)
-            moments = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.parameters
+            # Images [B, 2C, h, w]; clips [B, 2C, F', h, w] (whole by a video VAE, else per frame)
+            moments = posterior_of(self.vae, pixels.to(self.vae.dtype)).parameters
             cond = self.conditioner.encode({"caption": [samples[i]["caption"] for i in idx]}, None)
             members = {"emb.npy": cond.hidden, "pooled.npy": cond.pooled, "emb_mask.npy": cond.mask}
             for j, i in enumerate(idx):
@@ -115,6 +120,9 @@ class ShardEncoder:
                 "crop_top_left": sample["crop_top_left"].tolist(),
                 "target_size": sample["target_size"].tolist(),
             }
+            if "fps" in sample:  # a clip: its frames' rate, and how many were encoded
+                meta |= {"clip_fps": float(sample["fps"]),
+                         "clip_frames": int(sample["pixel_values"].shape[1])}  # fmt: skip
             sink.write(
                 {
                     "__key__": sample["key"],

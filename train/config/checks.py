@@ -147,13 +147,14 @@ def short_clips(data: DictConfig, key: str, shard: str, sampler: Any) -> str | N
 
 
 def media_mismatch(data: DictConfig, key: str, shard: str, samples: list) -> str | None:
-    """Image shards under a video config (`data.video`), or video shards under an image one."""
+    """Image shards under a video config (`data.video`), or video shards under an image one
+    (encoded shards too: image latents or a clip's)."""
     from data.metadata import IMAGE_KEYS
-    from data.preflight import media_problem
+    from data.preflight import latent_media_problem, media_problem
     from data.video import VIDEO_KEYS
 
     if data.get("latents"):
-        return None
+        return latent_media_problem(key, shard, data.get("video") is not None)
     images = tuple(data.get("image_keys") or IMAGE_KEYS)
     videos = tuple(data.get("video_keys") or VIDEO_KEYS)
     if data.get("video") is not None:

@@ -80,12 +80,13 @@ def check_text_adapter_strategy(cfg: DictConfig, target: str) -> None:
 
 
 def check_image_inputs(cfg: DictConfig) -> None:
-    """A ControlNet needs a control image from the data; it and an inpainting model sample from
-    images, so neither can be scored by the evaluation callback (its prompts come alone) or
-    trained on encoded shards (which hold no images)."""
+    """A ControlNet needs a control image from the data; it, an inpainting model and an
+    image-to-video one sample from images, so none can be scored by the evaluation callback
+    (its prompts come alone) or trained on encoded shards (which hold no images)."""
     target = str(OmegaConf.select(cfg, "model.backbone._target_", default="") or "")
     kinds = {"ControlNetBackbone": "controlnet", "SD3ControlNetBackbone": "controlnet",
-             "InpaintUNetBackbone": "inpaint"}  # fmt: skip
+             "InpaintUNetBackbone": "inpaint",
+             "WanImageToVideoBackbone": "wan_i2v_tiny"}  # fmt: skip
     kind = kinds.get(target.rsplit(".", 1)[-1])
     if kind is None:
         return
