@@ -132,3 +132,32 @@ def test_image_to_video_over_latents_is_refused(wan_encoded) -> None:
                    "data.latents=true"])  # fmt: skip
     with pytest.raises(ConfigError, match="encoded shards hold no images"):
         early_checks(cfg, run_dir=False)
+
+
+def _moments_by_key(folder: Path) -> dict[str, np.ndarray]:
+    found = {}
+    for shard in sorted(folder.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for m in tar:
+                if m.name.endswith(".latent.npy"):
+                    found[m.name.split(".", 1)[0]] = np.load(io.BytesIO(tar.extractfile(m).read()))
+    return found
+
+
+def test_tiled_encoding_writes_what_the_tiled_vae_encodes(wan_encoded) -> None:
+    from train.models.parts import posterior_of
+
+    _, overrides, out = wan_encoded
+    tiling = ["model/vae_tiling=tiles", "model.vae_tiling.tile=24"]  # 2 x 2 tiles, 16 px apart
+    tiled = out.parent / "tiled"
+    args = ["encode", str(tiled), *overrides, *tiling, "--dtype", "float32", "--batch-size", "4"]
+    assert ldm_data(args) == 0
+    cfg = compose([*overrides, *ONLINE, *tiling])
+    batch = next(iter(instantiate(cfg.data).train_dataloader()))
+    vae = instantiate(cfg.model.vae_tiling).apply(instantiate(cfg.model.vae))
+    with torch.no_grad():
+        expected = posterior_of(vae, batch["pixel_values"]).parameters.numpy()
+    written, whole = _moments_by_key(tiled), _moments_by_key(out)
+    for key, moments in zip(batch["key"], expected, strict=True):
+        np.testing.assert_allclose(written[key], moments, rtol=1e-4, atol=1e-5)
+        assert written[key].shape == whole[key].shape and not np.allclose(written[key], whole[key])

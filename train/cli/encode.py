@@ -159,8 +159,11 @@ def _worker(job: tuple[Any, list[str], str, int, str, int, int]) -> dict[str, in
     device = f"cuda:{index % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
     datamodule = instantiate(cfg.data, latents=False)
     counter = SkipCounter(datamodule.max_skip_fraction, "encode")
+    vae = instantiate(cfg.model.vae)
+    if cfg.model.get("vae_tiling") is not None:
+        instantiate(cfg.model.vae_tiling).apply(vae)
     encoder = ShardEncoder(
-        instantiate(cfg.model.vae),
+        vae,
         instantiate(cfg.model.conditioner),
         datamodule.decoder(counter, train=False),
         batch_size,

@@ -193,6 +193,9 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="also load .bin/.ckpt weights (runs pickle: only for files you trust)",
     )
+    p.add_argument("--vae-tiling", type=positive_int, default=None, metavar="TILE",
+                   help="decode in overlapping tiles of TILE px (a quarter overlap): peak "
+                   "memory follows the tile, for large images and clips")  # fmt: skip
     sample_images.add_arguments(p)
     sample_video.add_arguments(p)
     args = p.parse_args(argv)
@@ -212,6 +215,10 @@ def main(argv: list[str] | None = None) -> None:
             pipe, image_kwargs = sample_images.image_pipeline(pipe, args)
         if args.lora:
             sample_images.apply_lora(pipe, args.lora, args.lora_scale, args.export)
+        if args.vae_tiling:
+            from train.models.vae_tiling import VaeTiling
+
+            VaeTiling(args.vae_tiling).apply(pipe.vae)
     warn_long_prompts(pipe, args.prompt)
     prompts = [pr for pr in args.prompt for _ in range(args.num_per_prompt)]
     if video:

@@ -30,6 +30,7 @@ from train.models.parts import (
     vae_scale_factor,
     vae_temporal_factor,
 )
+from train.models.vae_tiling import VaeTiling
 from train.objectives.base import per_sample_mse, stratified_levels
 from train.tasks import first_frame, inpainting, pipelines
 from train.tasks.clips import Clips
@@ -56,12 +57,16 @@ class LatentDiffusion(L.LightningModule):
         noise_seed: int = 0,
         validation_levels: int = 8,
         base: str | None = None,
+        vae_tiling: VaeTiling | None = None,
     ) -> None:
         """``base``: the pretrained pipeline (folder or hub id) a fine-tuning run starts from;
         the config's parts load from it (``${model.base}``), and the saved config is where
-        ``ldm-export`` finds it again for an adapter checkpoint."""
+        ``ldm-export`` finds it again for an adapter checkpoint. ``vae_tiling``: encode and
+        decode (previews too) in tiles."""
         super().__init__()
         self.base = base
+        if vae_tiling is not None:
+            vae_tiling.apply(vae)
         backbone.check(vae_latent_channels(vae), conditioner, objective)
         check_shift_factor(backbone, vae)
         backbone.check_scale_factor(vae_scale_factor(vae))
