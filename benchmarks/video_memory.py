@@ -31,9 +31,10 @@ from loader_memory import peak_rss  # benchmarks/ is the script's folder, on sys
 def encode_peaks(clips: int, frames: int, size: int, per_shard: int) -> dict[int, float]:
     """Peak RSS (MiB) of ``ldm-data encode`` over ``clips`` and over 10x ``clips``."""
     import torch
-    from diffusers import AutoencoderKLWan
+    from hydra.utils import instantiate
 
     from data.shards_video import write_motion_demo_shards
+    from train.config.compose import compose
 
     peaks = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -41,10 +42,9 @@ def encode_peaks(clips: int, frames: int, size: int, per_shard: int) -> dict[int
         write_motion_demo_shards(root / "clips", num_samples=clips * 10,
                                  samples_per_shard=per_shard, size=size, frames=frames,
                                  fps=8)  # fmt: skip
-        torch.manual_seed(0)
-        AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                         temperal_downsample=[False, True, True]).save_pretrained(
-                             root / "vae" / "vae")  # fmt: skip
+        torch.manual_seed(0)  # model/vae=wan_tiny, saved as a folder ldm-data encode loads
+        vae = instantiate(compose(["experiment=wan_tiny"]).model.vae)
+        vae.save_pretrained(root / "vae" / "vae")
         shards = sorted((root / "clips").glob("*.tar"))
         for count in (clips, clips * 10):
             n = count // per_shard

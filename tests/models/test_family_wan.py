@@ -36,17 +36,15 @@ CAPTION = "a red circle moving from left to right on a white background"
 
 
 def tiny_vae() -> AutoencoderKLWan:
+    """model/vae=wan_tiny, seeded."""
     torch.manual_seed(0)
-    return AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                            temperal_downsample=[False, True, True]).eval()  # fmt: skip
+    return instantiate(compose(list(WAN)).model.vae).eval()
 
 
 def tiny_transformer(in_channels: int = 16) -> WanTransformer3DModel:
+    """model/backbone=wan_tiny's transformer, seeded; ``in_channels`` 36 for image-to-video."""
     torch.manual_seed(0)
-    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
-                                 in_channels=in_channels, out_channels=16, text_dim=384,
-                                 freq_dim=256, ffn_dim=32, num_layers=2,
-                                 qk_norm="rms_norm_across_heads", rope_max_seq_len=32)  # fmt: skip
+    return instantiate(compose(list(WAN)).model.backbone.model, in_channels=in_channels)
 
 
 @pytest.fixture(scope="module")
@@ -243,4 +241,5 @@ def test_a_motion_unet_over_a_video_vae_is_refused(wan_shards, tmp_path):
             "model.backbone.unet.out_channels=16"]  # fmt: skip
     proc = run_cli(main, ["ldm-train", *args])
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "the VAE compresses time 4x, but AnimateDiff's motion modules" in proc.stderr
     assert "the VAE compresses time 4x" in proc.stderr

@@ -17,9 +17,9 @@ from train.models.vae_tiling import VaeTiling
 
 
 def tiny_wan_vae() -> AutoencoderKLWan:
+    """model/vae=wan_tiny, seeded."""
     torch.manual_seed(0)
-    return AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                            temperal_downsample=[False, True, True]).eval()  # fmt: skip
+    return instantiate(compose(["experiment=wan_tiny"]).model.vae).eval()
 
 
 @torch.no_grad()
