@@ -222,6 +222,9 @@ def test_frame_counts_the_vae_cannot_take_name_the_nearest():
         (("data.video.num_frames=9",), "is long enough for a clip of data.video.num_frames=9 "
                                        "at 8 fps (it needs 1.12 s; they last 0.62-0.62 s)"),
         (("data.video=null",), "these are video shards: read them with +data/video=clips"),
+        # 5 frames x 32 x 32 = 5,120 frame pixels a clip
+        (("batch.max_pixels_per_device=5000",), "batch.max_pixels_per_device=5,000 is below "
+                                                "one sample's 5,120 frame pixels (5 frames"),
     ],
 )
 def test_settings_wan_cannot_take_are_refused_before_a_start(overrides, needle, wan_shards):

@@ -8,7 +8,7 @@ from diffusers.models.attention_processor import AttnProcessor
 from hydra.utils import instantiate
 from lightning.fabric.utilities.throughput import measure_flops
 
-from train.config.batching import plan_batch, scaled_lr
+from train.config.batching import plan_batch, plan_for, scaled_lr
 from train.errors import ConfigError
 from train.tasks.rng import SampleRNG, row_offset
 
@@ -38,6 +38,44 @@ def test_without_a_global_size_the_per_device_settings_stand() -> None:
 def test_a_global_batch_that_does_not_split_names_the_fix() -> None:
     with pytest.raises(ConfigError, match=r"global_size=30 .* over 8 devices.* e\.g\. 24 or 32"):
         plan_batch(30, 8, None, 4, 1)
+
+
+CLIP = {"resolution": 64, "batch_size": 8, "video": {"num_frames": 9}}  # 36,864 frame pixels
+
+
+@pytest.mark.parametrize(
+    ("batch", "data", "world", "expected"),
+    [
+        # 8 clips a step per device, 2 fit: 4 accumulation steps keep the step's 8 clips.
+        ({"max_pixels_per_device": 80_000}, CLIP, 1, (8, 2, 4)),
+        # The same budget holds 19 images of 64 px: 8 fit in one micro-batch.
+        ({"max_pixels_per_device": 80_000}, CLIP | {"video": None}, 1, (8, 8, 1)),
+        # 16 over 2 devices: 8 per rank, 3 fit, so 4 steps of 2 (8 does not split in 3s).
+        ({"global_size": 16, "max_pixels_per_device": 3 * 36_864}, CLIP, 2, (16, 2, 4)),
+        # The tighter of the two caps wins.
+        ({"global_size": 16, "max_per_device": 1, "max_pixels_per_device": 10**9}, CLIP, 2,
+         (16, 1, 8)),
+    ],
+)
+def test_micro_batches_are_planned_by_frames_times_pixels(batch, data, world, expected) -> None:
+    plan = plan_for(batch, data, world, accumulation=1)
+    assert (plan.global_size, plan.per_device, plan.accumulation) == expected
+    if "max_pixels_per_device" in batch:
+        assert plan.per_device * plan.sample_pixels <= batch["max_pixels_per_device"]
+
+
+def test_the_plan_says_what_a_micro_batch_holds_of_its_budget() -> None:
+    plan = plan_for({"max_pixels_per_device": 80_000}, CLIP, 1, accumulation=1)
+    assert plan.describe() == (
+        "global batch 8 = 2 per device x 1 devices x 4 accumulation steps (73,728 of "
+        "batch.max_pixels_per_device=80,000 frame pixels per micro-batch)"
+    )
+
+
+def test_a_budget_below_one_clip_names_the_clip_and_the_settings() -> None:
+    with pytest.raises(ConfigError, match=r"max_pixels_per_device=30,000 is below one sample's "
+                       r"36,864 frame pixels \(9 frames x data.resolution=64.*num_frames"):
+        plan_for({"max_pixels_per_device": 30_000}, CLIP, 1, accumulation=1)
 
 
 def test_learning_rate_scaling_is_explicit() -> None:

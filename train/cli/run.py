@@ -22,7 +22,7 @@ from train.callbacks.outputs import (
 )
 from train.callbacks.preemption import raise_if_terminated
 from train.cli.export import build_module
-from train.config.batching import BatchPlan, plan_batch, scaled_lr
+from train.config.batching import BatchPlan, plan_for, scaled_lr
 from train.config.checks import ConfigError, check_config
 from train.config.resume import check_resume_data
 from train.config.run_files import RUN_ID_FILE, check_fresh_start, checkpoint_dir, save_hydra_files
@@ -129,9 +129,7 @@ def apply_batch_plan(cfg: DictConfig, trainer: L.Trainer) -> BatchPlan:
             f"batch.global_size={b.global_size} derives gradient accumulation itself; remove "
             f"trainer.accumulate_grad_batches={accumulation}"
         )
-    plan = plan_batch(
-        b.global_size, trainer.world_size, b.max_per_device, cfg.data.batch_size, accumulation
-    )
+    plan = plan_for(b, cfg.data, trainer.world_size, accumulation)
     trainer.accumulate_grad_batches = plan.accumulation
     lr = scaled_lr(cfg.model.optimizer.lr, b.lr_scaling, plan.global_size, b.reference_size)
     with open_dict(cfg):

@@ -50,7 +50,7 @@ def early_checks(
     seconds to import): required values, the data patterns, the tracking URI, a fresh start
     over an earlier run's checkpoints, and the global batch against the world size. Run first,
     so the commonest mistakes fail within a second or two."""
-    from train.config.batching import plan_batch
+    from train.config.batching import pixel_cap, plan_for
     from train.config.fit import (
         check_adapter_strategy,
         check_image_inputs,
@@ -80,10 +80,9 @@ def early_checks(
     if world_size is None and isinstance(devices, int) and devices > 0 and isinstance(nodes, int):
         world_size = devices * nodes
     batch = cfg.get("batch") or {}
+    pixel_cap(batch.get("max_pixels_per_device"), data)  # needs no world size
     if world_size and batch.get("global_size") is not None:
-        accumulation = int(trainer.get("accumulate_grad_batches") or 1)
-        plan_batch(batch.global_size, world_size, batch.get("max_per_device"),
-                   data.get("batch_size", 1), accumulation)  # fmt: skip
+        plan_for(batch, data, world_size, int(trainer.get("accumulate_grad_batches") or 1))
 
 
 def check_data(cfg: DictConfig, local_paths: bool = True) -> None:

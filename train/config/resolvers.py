@@ -18,6 +18,7 @@ class BatchSchema:
 
     global_size: int | None = None  # samples per optimizer step over all devices
     max_per_device: int | None = None  # micro-batch cap (memory); more accumulation if needed
+    max_pixels_per_device: int | None = None  # the same cap in frames x height x width
     lr_scaling: str = "none"  # none | linear | sqrt, relative to reference_size
     reference_size: int | None = None  # the global batch model.optimizer.lr was tuned for
     derived: Any = None  # written by ldm-train: what the run actually used
