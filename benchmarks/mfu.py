@@ -16,12 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
 from lightning.fabric.utilities.throughput import get_available_flops
+from machine import step_times  # benchmarks/ is the script's folder, on sys.path
 from omegaconf import OmegaConf
 
 from train.models.flops import unet_train_flops
@@ -69,16 +69,7 @@ def main() -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    times = []
-    for i in range(args.warmup + args.steps):
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - start)
+    times = step_times(step, dev.type, args.warmup, args.steps)
 
     step_s = statistics.median(times)
     peak = get_available_flops(dev, torch.bfloat16)

@@ -26,10 +26,9 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from machine import cpu_model  # benchmarks/ is the script's folder, on sys.path
+from machine import cpu_model, step_times  # benchmarks/ is the script's folder, on sys.path
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -87,16 +86,7 @@ def child(args: argparse.Namespace, overrides: list[str]) -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    times = []
-    for i in range(args.warmup + args.steps):
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - start)
+    times = step_times(step, dev.type, args.warmup, args.steps)
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
