@@ -148,4 +148,5 @@ def run_env(root: Path) -> dict[str, str]:
     test would otherwise send these subprocesses' runs to that test's store.
     """
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    return env | {"LDM_OUTPUT_DIR": str(root), "OMP_NUM_THREADS": "1"}
+    # PYTHONFAULTHANDLER: a subprocess that aborts (SIGABRT at exit) prints its Python stacks.
+    return env | {"LDM_OUTPUT_DIR": str(root), "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}

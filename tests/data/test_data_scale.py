@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from support.stacks import run_or_dump
 
 from data.shapes import render, train_specs
 from data.shards import jpeg_bytes, write_shards
@@ -53,7 +54,7 @@ def _run(
     launcher = TORCHRUN if ranks == 2 else []
     devices = ["--devices", str(ranks)] if ranks > 1 else []
     cmd = [sys.executable, *launcher, str(SCRIPT), urls, str(out), *devices, *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_or_dump(cmd, env, timeout=300)
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc

@@ -3,11 +3,11 @@ for the distributed tests."""
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
 from cli_runner import run_cli, run_env
+from support.stacks import run_or_dump
 
 from train.cli.export import main as export_main
 
@@ -24,7 +24,7 @@ SGD = ["model.optimizer._target_=torch.optim.SGD", "model.optimizer.lr=0.1",
 def ldm_train(root: Path, *overrides: str, launcher: list[str] | None = None):
     env = run_env(root)
     cmd = [*(launcher or []), LDM_TRAIN, *overrides]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_or_dump(cmd, env, timeout=600)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-5000:]}")
     return proc

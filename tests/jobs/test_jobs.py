@@ -16,6 +16,7 @@ import pytest
 import torch
 import yaml
 from img2dataset_env import free_port
+from support.stacks import FAULT_ENV
 
 from jobs.launcher import SubmitError, dns_name, user_overrides
 from jobs.submit import main, prepare
@@ -218,12 +219,16 @@ def test_sigterm_to_the_pods_processes_checkpoints_and_the_restart_continues_fro
                               "callbacks.samples.every_n_steps=4",
                               "callbacks.samples.num_inference_steps=1")  # fmt: skip
     run = tmp_path / "runs" / "term"
-    first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True, start_new_session=True)  # fmt: skip
+    first = subprocess.Popen(command, env=env | FAULT_ENV, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)  # fmt: skip
     try:
         deadline = time.monotonic() + 300
         while not (run / "samples" / "step_0000004.png").exists() and first.poll() is None:
-            assert time.monotonic() < deadline, "no step 4 preview after 300 s"
+            if time.monotonic() > deadline:  # every process's stacks (faulthandler), then fail
+                os.killpg(first.pid, signal.SIGABRT)
+                out, _ = first.communicate(timeout=30)
+                raise AssertionError(f"no step 4 preview after 300 s; stacks:\n{out[-20000:]}")
             time.sleep(0.1)
         os.killpg(first.pid, signal.SIGTERM)  # what the container runtime sends
         out, _ = first.communicate(timeout=120)  # well within the default 30 s grace + a start
