@@ -8,7 +8,7 @@ forward under bf16 autocast with float32 master weights (Lightning's bf16-mixed)
 backward, fused AdamW step. Latents [B, 4, 32, 32] and text states [B, 77, 1024] are random:
 MFU does not depend on their values. FLOPs per step are counted once with PyTorch's FLOP
 counter (`train.models.flops`); the peak is Lightning's table for the card (bf16 dense). Prints the
-card, step time, samples/s and MFU; writes benchmarks/results/mfu.json.
+card, step time, samples/s and MFU; writes benchmarks/results/mfu.json (or --out).
 """
 
 from __future__ import annotations
@@ -24,18 +24,21 @@ from lightning.fabric.utilities.throughput import get_available_flops
 from machine import step_times  # benchmarks/ is the script's folder, on sys.path
 from omegaconf import OmegaConf
 
-from train.models.flops import unet_train_flops
+from train.models.conditioning import Conditioning
+from train.models.flops import train_flops
 
-CONF = Path(__file__).resolve().parent.parent / "conf" / "model" / "unet"
+CONF = Path(__file__).resolve().parent.parent / "conf" / "model" / "backbone"
 RESULTS = Path(__file__).parent / "results"
 
 
-def build(args: argparse.Namespace) -> torch.nn.Module:
-    cfg = OmegaConf.load(CONF / ("tiny.yaml" if args.tiny else "sd2.yaml"))
-    unet = instantiate(cfg).to(args.device)
+def build(args: argparse.Namespace):
+    """The backbone `model/backbone=unet_sd2` (or `unet_tiny`) builds, as training does."""
+    cfg = OmegaConf.load(CONF / ("unet_tiny.yaml" if args.tiny else "unet_sd2.yaml"))
+    backbone = instantiate(cfg)
+    backbone.model.to(args.device)
     if args.channels_last:
-        unet = unet.to(memory_format=torch.channels_last)
-    return unet
+        backbone.model.to(memory_format=torch.channels_last)
+    return backbone
 
 
 def main() -> None:
@@ -47,12 +50,14 @@ def main() -> None:
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="tiny UNet (smoke test)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "mfu.json")
     args = parser.parse_args()
 
-    unet = build(args)
+    backbone = build(args)
+    unet = backbone.model
     latent = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     context = (77, unet.config.cross_attention_dim)
-    flops = unet_train_flops(unet, args.batch, latent, context)
+    flops = train_flops(backbone, args.batch, latent, Conditioning(torch.empty(1, *context)))
     model = torch.compile(unet) if args.compile else unet
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-5, fused=args.device == "cuda")
     dev = torch.device(args.device)
@@ -93,8 +98,8 @@ def main() -> None:
         f"step {step_s * 1e3:.1f} ms, {result['samples_per_s']:.1f} samples/s, "
         f"{result['tflops_per_s']:.1f} TFLOP/s, MFU {mfu}"
     )
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "mfu.json").write_text(json.dumps(result, indent=2))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
