@@ -76,6 +76,8 @@ def inputs(tmp_path_factory, demo_shards: Path) -> dict[str, str]:
 CASES = [
     ("ldm-train", ["experiment=tiny", "data.urls=SHARDS", "trainer.max_steps=-5"],
      "trainer.max_steps=-5 is out of range"),
+    ("ldm-train", ["experiment=tiny", "data.urls=SHARDS", "threads=0"],
+     "threads=0 is out of range; set threads to 1 or more CPU threads per process, or null"),
     ("ldm-train", ["experiment=tiny", "data.urls=SHARDS", "data.resolution=64"],
      "set data.resolution=16 or model.backbone.model.sample_size=32"),
     ("ldm-train", ["experiment=tiny", "data.urls=SHARDS", "model/vae=pretrained",

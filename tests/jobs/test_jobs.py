@@ -228,7 +228,8 @@ def test_sigterm_to_the_pods_processes_checkpoints_and_the_restart_continues_fro
             if time.monotonic() > deadline:  # every process's stacks (faulthandler), then fail
                 os.killpg(first.pid, signal.SIGABRT)
                 out, _ = first.communicate(timeout=30)
-                raise AssertionError(f"no step 4 preview after 300 s; stacks:\n{out[-20000:]}")
+                raise AssertionError(
+                    f"hung for 300 s before the step 4 preview; stacks:\n{out[-20000:]}")
             time.sleep(0.1)
         os.killpg(first.pid, signal.SIGTERM)  # what the container runtime sends
         out, _ = first.communicate(timeout=120)  # well within the default 30 s grace + a start

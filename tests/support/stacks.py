@@ -2,10 +2,10 @@
 
 A multi-process run (torchrun, its ranks, their DataLoader workers) that hangs once in a few
 hundred runs leaves nothing to debug from but "timed out after 300 s". Here the command runs in
-a session of its own with PYTHONFAULTHANDLER=1; on timeout the whole session gets SIGABRT, on
-which faulthandler writes each Python process's threads' stacks to its stderr, and that stderr
-becomes the failure message. (An abort at exit, "terminate called without an active exception",
-dumps the same way.)
+a session of its own with PYTHONFAULTHANDLER=1; on timeout each process of the session gets
+SIGABRT in turn, on which faulthandler writes its threads' Python stacks to its stderr, and
+that stderr becomes the failure message. (An abort at exit, "terminate called without an
+active exception", dumps the same way.)
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ import contextlib
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 FAULT_ENV = {"PYTHONFAULTHANDLER": "1"}
 
@@ -32,7 +34,10 @@ def run_or_dump(
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        _signal_session(proc.pid, signal.SIGABRT)
+        for pid in session_members(proc.pid):  # one at a time: their dumps do not interleave
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGABRT)
+            time.sleep(0.3)
         try:
             out, err = proc.communicate(timeout=30)
         finally:
@@ -47,6 +52,19 @@ def run_or_dump(
             proc.wait()
     _signal_session(proc.pid, signal.SIGKILL)  # a worker the run orphaned
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def session_members(sid: int) -> list[int]:
+    """Pids of the processes in session `sid` (field 6 of /proc/PID/stat), oldest first."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid:  # after the state: ppid, pgrp, session
+            members.append(int(stat.parent.name))
+    return sorted(members)
 
 
 def _signal_session(pid: int, sig: signal.Signals) -> None:

@@ -26,6 +26,7 @@ from train.config.batching import BatchPlan, plan_for, scaled_lr
 from train.config.checks import ConfigError, check_config
 from train.config.resume import check_resume_data
 from train.config.run_files import RUN_ID_FILE, check_fresh_start, checkpoint_dir, save_hydra_files
+from train.config.threads import apply_threads
 from train.distributed.checkpoint_io import resolve_checkpoint
 from train.errors import cause_of
 from train.tracking.lineage import dataset_manifest, finetune_tags, requirements
@@ -66,6 +67,7 @@ def run(cfg: DictConfig) -> float | None:
         cfg.trainer, logger=loggers or False, callbacks=callbacks, strategy=strategy
     )
     plan = apply_batch_plan(cfg, trainer)  # needs the world size, known once the Trainer is
+    threads = apply_threads(cfg.threads, trainer.num_devices)  # the node's processes share CPUs
     datamodule = instantiate(cfg.data)  # cheap, and fails fast on bad shard patterns
     check_resume_data(ckpt_path, datamodule, trainer.world_size)  # before any MLflow write
     module = build_module(cfg.model, cfg.seed)
@@ -74,7 +76,8 @@ def run(cfg: DictConfig) -> float | None:
     resolved = redact(OmegaConf.to_container(cfg, resolve=True))  # params, artifacts, ckpts
     trainer.callbacks.append(ConfigInCheckpoint(resolved))
     if trainer.is_global_zero:
-        print(f"{plan.describe()}; lr {cfg.model.optimizer.lr:g}", flush=True)
+        print(f"{plan.describe()}; lr {cfg.model.optimizer.lr:g}; torch threads per process: "
+              f"{threads}", flush=True)  # fmt: skip
     log_params(loggers, resolved, resuming=ckpt_path is not None)
     remember_run_ids(trainer, run_dir)
     record_lineage(trainer, resolved, datamodule, run_dir, module)

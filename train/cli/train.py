@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 
 from train.config import resolvers as config
 from train.config.compose import CONFIG_DIR, compose
+from train.config.threads import set_omp_defaults
 from train.errors import ConfigError, fail
 from train.util import launched_rank
 
@@ -93,6 +94,7 @@ def main() -> None:
     # hence the same run directory. Only rank 0 writes the run's .hydra metadata
     # (train.config.run_files.save_hydra_files); the others log to their own file (as
     # Lightning's own launcher arranges for the processes it starts).
+    set_omp_defaults()  # before torch loads: OpenMP reads how its idle threads wait then
     refuse_literal_secrets(sys.argv[1:])
     check_overrides(sys.argv[1:])
     rank = launched_rank()

@@ -26,6 +26,7 @@ BOUNDS: tuple[tuple[str, int | float, str], ...] = (
     ("data.resolution", 1, "the image size in pixels, e.g. data.resolution=256"),
     ("data.num_workers", 0, "0 (load in the training process) or more worker processes"),
     ("batch.global_size", 1, "1 or more samples per optimizer step, or null"),
+    ("threads", 1, "1 or more CPU threads per process, or null (a share of the CPUs)"),
 )
 
 

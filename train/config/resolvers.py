@@ -41,6 +41,7 @@ class RunSchema:
     logger: Any = field(default_factory=dict)
     callbacks: Any = field(default_factory=dict)
     optimized_metric: str | None = None
+    threads: int | None = None  # torch threads per process (train/config/threads.py)
     launcher: Any = None  # read by ldm-submit only (jobs/): where and how the job runs
 
 
