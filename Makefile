@@ -88,7 +88,8 @@ demo-video: setup
 # A multi-process run that hangs or aborts at exit (a rare gloo/worker race, once in a few
 # hundred runs) fails with every process's stacks (tests/support/stacks.py) and is run once more;
 # the summary counts it as "rerun". Any other failure fails at once.
-RERUN := --reruns 1 --only-rerun "hung for" --only-rerun "terminate called without an active"
+RERUN := --reruns 1 --only-rerun "hung for" --only-rerun "terminate called without an active" \
+  --only-rerun "Fatal Python error: Aborted"
 test: setup
 	$(RUN) $(PY) tests/prepare.py
 	$(RUN) $(BIN)/pytest -q --durations=30 $(RERUN) $(PYTEST_ARGS)

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from cli_runner import run_cli, run_env
-from support.stacks import run_or_dump
+from support.stacks import excerpt, run_or_dump
 
 from train.cli.export import main as export_main
 
@@ -26,7 +26,7 @@ def ldm_train(root: Path, *overrides: str, launcher: list[str] | None = None):
     cmd = [*(launcher or []), LDM_TRAIN, *overrides]
     proc = run_or_dump(cmd, env, timeout=600)
     if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-5000:]}")
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{excerpt(proc.stderr)}")
     return proc
 
 

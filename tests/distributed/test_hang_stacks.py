@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from support.stacks import run_or_dump
+from support.stacks import excerpt, run_or_dump
 
 HANGS = """
 import multiprocessing as mp, os, time
@@ -42,3 +42,14 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except FileNotFoundError:
         return "gone"
+
+
+def test_a_failure_message_keeps_the_abort_and_its_stack_before_the_module_list() -> None:
+    """faulthandler ends its dump with a list of every extension module (thousands of characters),
+    which alone would fill the tail of stderr a failure shows."""
+    err = ("terminate called without an active exception\nFatal Python error: Aborted\n\n"
+           'Thread 0x1 (most recent call first):\n  File "run.py", line 3 in close\n\n'
+           "Extension modules: " + "scipy.x, " * 2000 + "\ntorchrun: exitcode -6")  # fmt: skip
+    out = excerpt(err, tail=300)
+    assert out.startswith("terminate called without an active exception\nFatal Python error")
+    assert 'File "run.py", line 3 in close' in out and out.endswith("torchrun: exitcode -6")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import time
@@ -52,6 +53,15 @@ def run_or_dump(
             proc.wait()
     _signal_session(proc.pid, signal.SIGKILL)  # a worker the run orphaned
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def excerpt(err: str, tail: int = 5000) -> str:
+    """The end of a failed run's stderr, after any faulthandler dumps (from "Fatal Python error"
+    to their list of extension modules, which alone can fill the tail) and the C++ line before
+    them ("terminate called ..."), so that neither is cut off."""
+    dump = r"(terminate called[^\n]*\n)?Fatal Python error:.*?(?=\nExtension modules|\Z)"
+    dumps = [m.group(0)[-4000:] for m in re.finditer(dump, err, flags=re.S)]
+    return "\n".join([*dumps, err[-tail:]])
 
 
 def session_members(sid: int) -> list[int]:
