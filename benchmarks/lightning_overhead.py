@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from machine import cpu_model  # benchmarks/ is the script's folder, on sys.path
 
@@ -52,18 +53,14 @@ class BatchRNG:
         return torch.randint(0, high, (self.n,))
 
 
-class StepClock:
-    """Lightning callback: perf_counter at every training batch end."""
+class StepClock(L.Callback):
+    """perf_counter at every training batch end."""
 
     def __init__(self) -> None:
-        import lightning as L
-
-        class _Clock(L.Callback):
-            def on_train_batch_end(cb, *args: Any) -> None:
-                self.ends.append(time.perf_counter())
-
         self.ends: list[float] = []
-        self.callback = _Clock()
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self.ends.append(time.perf_counter())
 
 
 def mean_step(ends: list[float], warmup: int) -> float:
@@ -123,13 +120,11 @@ def module_rng(module, n: int, step: int):
 
 
 def lightning(cfg, module, batches, callbacks: list, loggers: list, steps: int) -> list[float]:
-    import lightning as L
-
     clock = StepClock()
     trainer = L.Trainer(
         accelerator="cpu", devices=1, precision=cfg.trainer.precision, max_steps=steps,
         gradient_clip_val=cfg.trainer.gradient_clip_val, logger=loggers or False,
-        callbacks=[*callbacks, clock.callback], enable_checkpointing=any(
+        callbacks=[*callbacks, clock], enable_checkpointing=any(
             isinstance(c, L.pytorch.callbacks.Checkpoint) for c in callbacks),
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
         limit_val_batches=0, log_every_n_steps=cfg.trainer.log_every_n_steps,
@@ -182,8 +177,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "lightning_overhead.json")
     args, overrides = parser.parse_known_args()
     torch.manual_seed(0)
-    import lightning as L
-
     L.pytorch.utilities.disable_possible_user_warnings()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from support.stacks import run_or_dump
+from support.stacks import excerpt, run_or_dump
 
 from data.shapes import render, train_specs
 from data.shards import jpeg_bytes, write_shards
@@ -56,7 +56,7 @@ def _run(
     cmd = [sys.executable, *launcher, str(SCRIPT), urls, str(out), *devices, *args]
     proc = run_or_dump(cmd, env, timeout=300)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{excerpt(proc.stderr, 4000)}")
     return proc
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 from img2dataset_env import free_port
-from support.stacks import FAULT_ENV
+from support.stacks import FAULT_ENV, abort_each, excerpt
 
 from jobs.launcher import SubmitError, dns_name, user_overrides
 from jobs.submit import main, prepare
@@ -226,10 +226,10 @@ def test_sigterm_to_the_pods_processes_checkpoints_and_the_restart_continues_fro
         deadline = time.monotonic() + 300
         while not (run / "samples" / "step_0000004.png").exists() and first.poll() is None:
             if time.monotonic() > deadline:  # every process's stacks (faulthandler), then fail
-                os.killpg(first.pid, signal.SIGABRT)
+                abort_each(first.pid)
                 out, _ = first.communicate(timeout=30)
                 raise AssertionError(
-                    f"hung for 300 s before the step 4 preview; stacks:\n{out[-20000:]}")
+                    f"hung for 300 s before the step 4 preview; stacks:\n{excerpt(out, 3000)}")
             time.sleep(0.1)
         os.killpg(first.pid, signal.SIGTERM)  # what the container runtime sends
         out, _ = first.communicate(timeout=120)  # well within the default 30 s grace + a start

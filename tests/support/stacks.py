@@ -35,10 +35,7 @@ def run_or_dump(
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        for pid in session_members(proc.pid):  # one at a time: their dumps do not interleave
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGABRT)
-            time.sleep(0.3)
+        abort_each(proc.pid)
         try:
             out, err = proc.communicate(timeout=30)
         finally:
@@ -53,6 +50,15 @@ def run_or_dump(
             proc.wait()
     _signal_session(proc.pid, signal.SIGKILL)  # a worker the run orphaned
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def abort_each(sid: int) -> None:
+    """SIGABRT to each process of session `sid` (faulthandler dumps its stacks), one at a time,
+    so that their dumps do not interleave on a shared stderr."""
+    for pid in session_members(sid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGABRT)
+        time.sleep(0.3)
 
 
 def excerpt(err: str, tail: int = 5000) -> str:
