@@ -74,7 +74,8 @@ def one_process_text(tiny_run, demo_shards, tmp_path_factory) -> Path:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("strategy", "text"),
-    [("ddp", True), ("deepspeed_zero2", True), ("deepspeed_zero3", False), ("fsdp", False)],
+    [("ddp", True), ("deepspeed_zero2", True), ("deepspeed_zero3", False), ("fsdp", False),
+     ("fsdp2", False)],
 )
 def test_a_lora_trains_resumes_and_exports_under_two_processes_like_one(
     strategy, text, request, tiny_run, demo_shards, tmp_path

@@ -1,4 +1,4 @@
-"""Scale-out on CPU processes (gloo): DDP, FSDP and DeepSpeed ZeRO-2/3 train, checkpoint,
+"""Scale-out on CPU processes (gloo): DDP, FSDP, FSDP2 and DeepSpeed ZeRO-2/3 train, checkpoint,
 resume and export what one process with the same global batch and seed exports.
 
 Every run is `ldm-train` itself with two processes: Lightning's launcher for DDP's first leg
@@ -123,8 +123,8 @@ def single_run(
 STRATEGY_RUNS = [
     pytest.param(strategy, experiment, id=f"{name}-{strategy}")
     for name, experiment, strategies in (
-        ("unet", "tiny", ("ddp", "deepspeed_zero2", "deepspeed_zero3", "fsdp")),
-        ("pixart", "pixart_tiny", ("deepspeed_zero3", "fsdp")),
+        ("unet", "tiny", ("ddp", "deepspeed_zero2", "deepspeed_zero3", "fsdp", "fsdp2")),
+        ("pixart", "pixart_tiny", ("deepspeed_zero3", "fsdp", "fsdp2")),
     )
     for strategy in strategies
 ]
@@ -146,7 +146,7 @@ def test_two_processes_train_resume_and_export_like_one(
             "trainer.val_check_interval=2", "run_name=r"]  # fmt: skip
     # Image metrics where the weights are whole on every rank (DDP) and where rank 0 gathers
     # and broadcasts them (FSDP); ZeRO takes the same gather paths as the export.
-    with_eval = experiment == "tiny" and strategy in ("ddp", "fsdp")
+    with_eval = experiment == "tiny" and strategy in ("ddp", "fsdp", "fsdp2")
     if with_eval:
         args += eval_args
     launcher = None if strategy == "ddp" else TORCHRUN
@@ -157,7 +157,7 @@ def test_two_processes_train_resume_and_export_like_one(
     last = run / "checkpoints" / "last.ckpt"
     if strategy.startswith("deepspeed"):  # sharded: a folder, one state file per rank
         assert (last / "checkpoint").is_dir() and (last / "latest").is_file()
-    elif strategy == "fsdp":
+    elif strategy.startswith("fsdp"):
         assert {"__0_0.distcp", "__1_0.distcp", "meta.pt"} <= {p.name for p in last.iterdir()}
     ldm_train(tmp_path, *args, "ckpt_path=last", launcher=TORCHRUN)
 

@@ -23,6 +23,8 @@ from train.distributed.sharding import (
     full_state_dict,
     gather_fsdp_shards,
     gather_zero3_shards,
+    is_fsdp,
+    is_fsdp2,
     is_sharded,
     is_zero3,
     local_tensors,
@@ -110,7 +112,7 @@ class EMA(L.Callback):
             # Small parameters stay whole on every rank under ZeRO-3 (persistence threshold),
             # so gathering live parameters would miss EMA values swapped into the partitions.
             return gather_zero3_shards(trainer, pl_module.trainable, self.shadow)
-        if is_sharded(trainer.strategy):  # FSDP
+        if is_sharded(trainer.strategy) and not is_fsdp2(trainer.strategy):  # FSDP's flat shards
             return gather_fsdp_shards(trainer, pl_module.trainable, self.shadow)
         local = local_tensors(trainer.strategy, self._params(pl_module))
         with swapped_in(local, self.shadow):
@@ -222,12 +224,10 @@ def shard_like(trainer: L.Trainer, whole: StateDict, local: list[torch.Tensor]) 
             zero3_partition(w, rank, t.numel()).to(t.device)
             for w, t in zip(whole.values(), local, strict=True)
         ]
-    from lightning.pytorch.strategies import FSDPStrategy
-
-    if not isinstance(trainer.strategy, FSDPStrategy):
+    if not is_fsdp(trainer.strategy):
         return [w.to(t.device) for w, t in zip(whole.values(), local, strict=True)]
-    # FSDP's flat-parameter layout is private; let FSDP cut the whole tensors into the live
-    # shards, read them out, and put the trained weights back.
+    # FSDP's flat-parameter layout is private (FSDP2's: dim 0, padded); let FSDP cut the whole
+    # tensors into the live shards, read them out, and put the trained weights back.
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     pl_module = trainer.lightning_module

@@ -11,13 +11,13 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import grad_norm
 
 from train.callbacks.ema import EMA
 from train.callbacks.guards import TrainingDiverged, weights_finite
 from train.callbacks.preemption import preempted
-from train.distributed.sharding import full_state_dict, is_sharded
+from train.distributed.sharding import full_state_dict, is_fsdp, is_fsdp2, is_sharded
 from train.errors import ConfigError
 from train.tasks import pipelines
 from train.tasks.clips import Clips
@@ -36,15 +36,17 @@ log = logging.getLogger(__name__)
 class GradNormMonitor(L.Callback):
     """Logs the total L2 norm of the gradients (before clipping) as ``train/grad_norm``.
 
-    Under FSDP each rank holds a slice of the gradients, so the squares are summed over ranks;
-    DeepSpeed keeps gradients inside its engine and reports the norm it clipped with.
+    Under FSDP each rank holds a slice of the gradients, so the squares are summed over the
+    ranks that split them; DeepSpeed keeps gradients inside its engine and reports the norm it
+    clipped with.
     """
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if not self._due(trainer) or isinstance(trainer.strategy, DeepSpeedStrategy):
             return
-        if isinstance(trainer.strategy, FSDPStrategy):
-            pl_module.log("train/grad_norm", sharded_grad_norm(pl_module))
+        if is_fsdp(trainer.strategy):
+            group = trainer.strategy.shard_group if is_fsdp2(trainer.strategy) else None
+            pl_module.log("train/grad_norm", sharded_grad_norm(pl_module, group))
             return
         total = grad_norm(pl_module, norm_type=2).get("grad_2.0_norm_total")
         if total is not None:
@@ -62,14 +64,17 @@ class GradNormMonitor(L.Callback):
         return step % max(trainer.log_every_n_steps, 1) == 0
 
 
-def sharded_grad_norm(pl_module: L.LightningModule) -> torch.Tensor:
-    """L2 norm of gradients split into disjoint per-rank slices (FSDP)."""
-    squares = [
-        p.grad.detach().float().pow(2).sum() for p in pl_module.parameters() if p.grad is not None
-    ]
+def sharded_grad_norm(pl_module: L.LightningModule, group=None) -> torch.Tensor:
+    """L2 norm of gradients split into disjoint slices over the ranks of ``group`` (FSDP: all
+    ranks; FSDP2: its shard group, as HSDP's replicas hold equal slices)."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+    squares = [g.detach().float().pow(2).sum() for g in local]
     total = torch.stack(squares).sum() if squares else torch.zeros((), device=pl_module.device)
     if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(total)
+        torch.distributed.all_reduce(total, group=group)
     return total.sqrt()
 
 

@@ -42,6 +42,9 @@ def check_values(cfg: DictConfig) -> None:
         raise ConfigError(f"model.optimizer.lr={lr} must be positive, e.g. model.optimizer.lr=1e-4")
 
 
+FSDP_TARGETS = ("FSDPStrategy", "FSDP2Strategy")
+
+
 def check_adapter_strategy(cfg: DictConfig) -> None:
     """Under FSDP an adapter trains as LoRA only: each layer holding adapter weights is an FSDP
     unit of its own, called through its forward. DoRA reads its LoRA layers' weights directly
@@ -51,7 +54,7 @@ def check_adapter_strategy(cfg: DictConfig) -> None:
     strategy = cfg.get("strategy") or {}
     target = str(strategy.get("_target_", "")) if isinstance(strategy, DictConfig) else ""
     check_text_adapter_strategy(cfg, target)
-    if not isinstance(adapter, DictConfig) or not target.endswith("FSDPStrategy"):
+    if not isinstance(adapter, DictConfig) or not target.endswith(FSDP_TARGETS):
         return
     kind = str(adapter.get("_target_", "")).rsplit(".", 1)[-1]
     if kind == "LoraConfig" and adapter.get("use_dora"):
@@ -72,7 +75,7 @@ def check_text_adapter_strategy(cfg: DictConfig, target: str) -> None:
                       DictConfig):  # fmt: skip
         return
     stage = OmegaConf.select(cfg, "strategy.stage", default=None)
-    if target.endswith("FSDPStrategy") or (target.endswith("DeepSpeedStrategy") and stage == 3):
+    if target.endswith(FSDP_TARGETS) or (target.endswith("DeepSpeedStrategy") and stage == 3):
         raise ConfigError(
             f"model.conditioner.adapter trains the text encoder, which {target.rsplit('.', 1)[-1]}"
             f"{' stage 3' if stage == 3 else ''} would shard; train it under strategy=ddp, "

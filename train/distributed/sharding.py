@@ -14,7 +14,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 
 StateDict = dict[str, torch.Tensor]
 
@@ -23,9 +23,19 @@ def is_zero3(strategy: object) -> bool:
     return isinstance(strategy, DeepSpeedStrategy) and bool(strategy.zero_stage_3)
 
 
+def is_fsdp2(strategy: object) -> bool:
+    """FSDP2 (`fully_shard`): parameters are DTensors, each rank holding a slice of dim 0."""
+    return isinstance(strategy, ModelParallelStrategy)
+
+
+def is_fsdp(strategy: object) -> bool:
+    """Either FSDP: the flat-parameter wrapper (`FSDPStrategy`) or FSDP2."""
+    return isinstance(strategy, FSDPStrategy) or is_fsdp2(strategy)
+
+
 def is_sharded(strategy: object) -> bool:
-    """True where a rank's parameters are slices (ZeRO-3, FSDP), not whole tensors."""
-    return is_zero3(strategy) or isinstance(strategy, FSDPStrategy)
+    """True where a rank's parameters are slices (ZeRO-3, FSDP, FSDP2), not whole tensors."""
+    return is_zero3(strategy) or is_fsdp(strategy)
 
 
 def local_tensors(strategy: object, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
@@ -33,10 +43,13 @@ def local_tensors(strategy: object, params: list[torch.nn.Parameter]) -> list[to
 
     ZeRO-3: ``ds_tensor``, the rank's flat partition (DeepSpeed pads the last one). FSDP with
     ``use_orig_params`` (Lightning's default): the parameter itself is a flat view into the
-    rank's shard, possibly empty. DDP, ZeRO-1/2 and one device: the whole parameter.
+    rank's shard, possibly empty. FSDP2: the DTensor's local slice of dim 0 (a view of it).
+    DDP, ZeRO-1/2 and one device: the whole parameter.
     """
     if is_zero3(strategy):
         return [p.ds_tensor for p in params]
+    if is_fsdp2(strategy):
+        return [p.data.to_local() for p in params]
     return [p.data for p in params]
 
 
@@ -57,7 +70,7 @@ def full_state_dict(trainer: L.Trainer, module: torch.nn.Module) -> StateDict | 
     strategy = trainer.strategy
     if is_zero3(strategy):
         state = _gather_zero3(module, trainer.is_global_zero)
-    elif isinstance(strategy, FSDPStrategy):
+    elif is_fsdp(strategy):
         offload = strategy.root_device.type != "cpu"
         state = _gather_fsdp(strategy.model, trainer.lightning_module, module, offload)
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -152,17 +153,28 @@ class FSDPStrategy(_LightningFSDP):
 
 
 def wrap_policy(units: set[type[torch.nn.Module]], model: torch.nn.Module):
-    """FSDP units: the backbone's blocks and, when an adapter trains, each layer that holds
-    adapter weights (`adapter_leaves`), so frozen and trained weights never share a unit."""
+    """FSDP's auto-wrap policy for `unit_filter`'s units."""
     from torch.distributed.fsdp.wrap import CustomPolicy, ModuleWrapPolicy
 
     from train.models import adapters
 
     if not adapters.has_adapter(model):
         return ModuleWrapPolicy(units)
-    leaves = {id(m) for m in adapters.adapter_leaves(model)}
+    return CustomPolicy(unit_filter(units, model))
+
+
+def unit_filter(
+    units: set[type[torch.nn.Module]], model: torch.nn.Module
+) -> Callable[[torch.nn.Module], bool]:
+    """Which submodules are sharding units (FSDP and FSDP2 alike): the backbone's blocks and,
+    when an adapter trains, each layer holding adapter weights (`adapter_leaves`), so frozen
+    and trained weights never share a unit."""
+    from train.models import adapters
+
     kinds = tuple(units)
-    return CustomPolicy(lambda m: isinstance(m, kinds) or id(m) in leaves)
+    adapted = adapters.has_adapter(model)
+    leaves = {id(m) for m in adapters.adapter_leaves(model)} if adapted else set()
+    return lambda m: isinstance(m, kinds) or id(m) in leaves
 
 
 def module_types(names: list[str]) -> set[type[torch.nn.Module]]:

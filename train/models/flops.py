@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from lightning.fabric.utilities.throughput import measure_flops
 
+from train.models.backbones.base import model_class
 from train.models.conditioning import Conditioning
 
 
@@ -20,7 +21,7 @@ def train_flops(backbone: Any, batch_size: int, latent: tuple[int, ...], cond: C
     """FLOPs of the backbone's forward + backward on one micro-batch (not quite linear in the
     batch size, so counted for the batch size used). latent: [C, h, w]."""
     with torch.device("meta"):
-        model = type(backbone.model).from_config(backbone.model.config)
+        model = model_class(backbone.model).from_config(backbone.model.config)
         x = torch.empty(batch_size, *latent)
         t = torch.zeros(batch_size)
         fake = {k: torch.empty(batch_size, *v.shape[1:], dtype=v.dtype)

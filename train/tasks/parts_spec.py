@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from train.models.backbones.base import model_class
+
 FORMAT = 1
 
 
@@ -83,8 +85,8 @@ def describe(module: Any) -> dict:
         "pipeline_extras": _plain(backbone.pipeline_extras()),
         "trainable": {
             "component": backbone.component,
-            "library": _library(backbone.model),
-            "class": type(backbone.model).__name__,
+            "library": model_class(backbone.model).__module__.split(".")[0],
+            "class": model_class(backbone.model).__name__,
             "config": _config(backbone.model),
             "prefix": "backbone.model.",
         },

@@ -147,7 +147,7 @@ class Backbone(nn.Module):
         # runs on rank 0 alone. A state with fewer entries than parameters is the trained part's.
         if len(state) < sum(1 for _ in self.model.parameters()):
             return self._partial_from_state(state)
-        model = type(self.model).from_config(self.model.config)
+        model = model_class(self.model).from_config(self.model.config)
         if self.adapter is not None:
             adapters.attach(model, self.adapter)
         model.load_state_dict(state, strict=True)
@@ -162,3 +162,14 @@ class Backbone(nn.Module):
                              f"unexpected {unexpected[:3]}")  # fmt: skip
         model.load_state_dict(state, strict=False)
         return model
+
+
+def model_class(model: nn.Module) -> type[nn.Module]:
+    """The model's own class: FSDP2's ``fully_shard`` swaps in a subclass ``FSDP<Name>`` that
+    a plain copy, a FLOP count or an export must not take."""
+    from torch.distributed.fsdp import FSDPModule
+
+    cls = type(model)
+    if issubclass(cls, FSDPModule):
+        return next(b for b in cls.__bases__ if not issubclass(b, FSDPModule))
+    return cls
