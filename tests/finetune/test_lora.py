@@ -401,22 +401,24 @@ def test_ldm_sample_with_the_lora_matches_the_merged_export(lora_run, tmp_path) 
     assert f"--lora {other} holds no weights for {base}'s UNet2DConditionModel" in proc.stderr
 
 
-@pytest.mark.parametrize("adapter", ["dora", "loha"])
+@pytest.mark.parametrize(("adapter", "strategy"), [("dora", "fsdp"), ("loha", "fsdp"),
+                                                   ("loha", "fsdp2")])  # fmt: skip
 def test_an_adapter_fsdp_cannot_shard_is_refused_before_training(
-    adapter, tiny_run, demo_shards, tmp_path
+    adapter, strategy, tiny_run, demo_shards, tmp_path
 ) -> None:
     from train.cli.train import main
 
-    args = lora_overrides(tmp_path, tiny_run[0] / "export", demo_shards, "strategy=fsdp",
+    args = lora_overrides(tmp_path, tiny_run[0] / "export", demo_shards, f"strategy={strategy}",
                           "trainer.devices=2", f"model/backbone/adapter={adapter}")  # fmt: skip
     if adapter == "loha":  # its own rank and alpha keys
         args = [a for a in args if not a.startswith("model.backbone.adapter.")]
     proc = run_cli(main, ["ldm-train", *args])
     assert proc.returncode == 2, proc.stderr
     kind = {"dora": "DoRA (LoraConfig use_dora)", "loha": "LoHaConfig"}[adapter]
-    assert f"model.backbone.adapter is {kind} and the strategy is FSDP, which shards a LoRA " \
-        "only: use model/backbone/adapter=lora with strategy=fsdp, or keep the adapter with " \
-        "strategy=deepspeed_zero3" in proc.stderr  # fmt: skip
+    name = strategy.upper()
+    assert f"model.backbone.adapter is {kind} and the strategy is {name}, which shards a LoRA " \
+        f"only: use model/backbone/adapter=lora with strategy={strategy}, or keep the " \
+        "adapter with strategy=deepspeed_zero3" in proc.stderr  # fmt: skip
     # Refused before anything trains: the run folder holds only the log of the refusal.
     assert [p.name for p in (tmp_path / "runs" / "lora").iterdir()] == ["train.log"]
 

@@ -171,7 +171,7 @@ def test_a_text_adapter_that_cannot_train_is_refused_naming_the_setting(
             raise e.__cause__ or e from None
 
 
-@pytest.mark.parametrize("strategy", ["deepspeed_zero3", "fsdp"])
+@pytest.mark.parametrize("strategy", ["deepspeed_zero3", "fsdp", "fsdp2"])
 def test_a_sharding_strategy_is_refused_before_training(strategy, clip_base, demo_shards,
                                                         tmp_path) -> None:  # fmt: skip
     cfg = compose(run_args(tmp_path, clip_base, demo_shards, f"strategy={strategy}"))

@@ -59,11 +59,12 @@ def check_adapter_strategy(cfg: DictConfig) -> None:
     kind = str(adapter.get("_target_", "")).rsplit(".", 1)[-1]
     if kind == "LoraConfig" and adapter.get("use_dora"):
         kind = "DoRA (LoraConfig use_dora)"
+    name = "FSDP2" if target.endswith("FSDP2Strategy") else "FSDP"
     if kind != "LoraConfig":
         raise ConfigError(
-            f"model.backbone.adapter is {kind} and the strategy is FSDP, which shards a LoRA "
-            "only: use model/backbone/adapter=lora with strategy=fsdp, or keep the adapter with "
-            "strategy=deepspeed_zero3 (or ddp, deepspeed_zero2)"
+            f"model.backbone.adapter is {kind} and the strategy is {name}, which shards a LoRA "
+            f"only: use model/backbone/adapter=lora with strategy={name.lower()}, or keep the "
+            "adapter with strategy=deepspeed_zero3 (or ddp, deepspeed_zero2)"
         )
 
 
