@@ -247,7 +247,9 @@ def test_two_nodes_through_torchrun_rendezvous(
     demo_shards: Path, reference: dict[str, Path], tmp_path: Path
 ) -> None:
     """trainer.num_nodes=2: two torchrun agents (one per "node", one process each) meet at a
-    c10d rendezvous on 127.0.0.1, as Kubernetes pods do; one run dir, one MLflow run."""
+    c10d rendezvous on 127.0.0.1, as Kubernetes pods do; one run dir, one MLflow run. The
+    strategy is FSDP2's HSDP (shards within a node, replicas across nodes: here a node's one
+    process holds whole parameters and the nodes reduce gradients like DDP)."""
     port = free_port()
     torchrun = [
         sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
@@ -257,7 +259,8 @@ def test_two_nodes_through_torchrun_rendezvous(
         *common(demo_shards),
         "trainer.num_nodes=2",
         "trainer.devices=1",
-        "strategy=ddp",
+        "strategy=fsdp2",
+        "strategy.replicate_across_nodes=true",
         "run_name=nodes",
     ]
     env = run_env(tmp_path)
@@ -273,6 +276,8 @@ def test_two_nodes_through_torchrun_rendezvous(
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-5000:]
     assert sum("global batch 8 = 4 per device x 2 devices" in o for o, _ in outs) == 1
+    units = "units of UNet2DConditionModel over replicate 2 x shard 1"
+    assert sum(units in o + e for o, e in outs) == 1, outs[0][0][-3000:]
 
     run = tmp_path / "runs" / "nodes"
     assert max_diff(run / "export", reference["ema"]) < 1e-6

@@ -16,10 +16,12 @@ from pathlib import Path
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.strategies.strategy import Strategy
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
 from train.distributed.strategies import unit_filter
 from train.errors import ConfigError
+from train.models.backbones.base import model_class
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -93,8 +95,11 @@ class FSDP2Strategy(ModelParallelStrategy):
         policy = MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=self.reduce_dtype)
         options = {"mesh": self.device_mesh, "reshard_after_forward": self.reshard_after_forward,
                    "mp_policy": policy}  # fmt: skip
-        shard_blocks(trainable, unit_filter(backbone.wrap_units(), trainable), options)
+        units = shard_blocks(trainable, unit_filter(backbone.wrap_units(), trainable), options)
         check_all_trained_sharded(model)
+        dims = zip(self.device_mesh.mesh_dim_names, self.device_mesh.shape, strict=True)
+        layout = " x ".join(f"{name} {size}" for name, size in dims)
+        rank_zero_info(f"FSDP2: {units} units of {model_class(trainable).__name__} over {layout}")
         return model
 
     def validation_step(self, *args, **kwargs):
@@ -147,15 +152,16 @@ class FSDP2Strategy(ModelParallelStrategy):
         return torch.load(path / "meta.pt", weights_only=weights_only)
 
 
-def shard_blocks(root: nn.Module, is_unit: Callable[[nn.Module], bool], options: dict) -> None:
+def shard_blocks(root: nn.Module, is_unit: Callable[[nn.Module], bool], options: dict) -> int:
     """``fully_shard`` every unit below ``root``, innermost first (a unit's parameters are those
-    no inner unit took), then ``root`` itself."""
+    no inner unit took), then ``root`` itself; returns the number of units."""
     from torch.distributed.fsdp import fully_shard
 
-    for module in reversed(list(root.modules())):  # reversed pre-order: children first
-        if module is not root and is_unit(module):
-            fully_shard(module, **options)
+    units = [m for m in reversed(list(root.modules())) if m is not root and is_unit(m)]
+    for module in units:  # reversed pre-order: children before their parents
+        fully_shard(module, **options)
     fully_shard(root, **options)
+    return len(units) + 1
 
 
 def check_all_trained_sharded(model: nn.Module) -> None:

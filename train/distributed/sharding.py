@@ -116,7 +116,10 @@ def _gather_fsdp(
     options = StateDictOptions(full_state_dict=True, cpu_offload=offload)
     full = get_model_state_dict(root, options=options)
     prefix = submodule_prefix(pl_module, module)
-    return {k[len(prefix) :]: v.cpu() for k, v in full.items() if k.startswith(prefix)}
+    # Where nothing needs gathering (HSDP with one process per node) the "full" tensors are the
+    # live ones: copies, so that EMA weights swapped in for the gather stay in the result.
+    copy = (lambda v: v) if offload else torch.Tensor.clone
+    return {k[len(prefix) :]: copy(v.cpu()) for k, v in full.items() if k.startswith(prefix)}
 
 
 def gather_zero3_shards(
