@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# GPU smoke run: one short bf16 training per strategy (DDP, FSDP, ZeRO-2, ZeRO-3) on this
+# GPU smoke run: one short bf16 training per strategy (DDP, FSDP2, ZeRO-2, ZeRO-3) on this
 # machine's GPUs with torch.compile per block, each ending in an export, then the MFU benchmark.
 # Prints each run's summary (steps, samples/s, wall time) and the MLflow throughput metrics
 # (samples/s and MFU per device). Sized to finish in under 10 minutes on one H100.
 #
 #   bash benchmarks/gpu_smoke.sh                 # every strategy, 40 steps each
-#   STRATEGIES="ddp fsdp" STEPS=20 bash benchmarks/gpu_smoke.sh
+#   STRATEGIES="ddp fsdp" STEPS=20 bash benchmarks/gpu_smoke.sh   # fsdp: the FSDP1 wrapper
 #   DEVICE=cpu bash benchmarks/gpu_smoke.sh      # the same script on CPU (fp32, no compile)
 #
 # The model is the SD-2-size UNet (model/backbone=unet_sd2, ~865 M parameters) over the tiny
@@ -17,7 +17,7 @@ BIN=${BIN:-.venv/bin}
 OUT=${OUT:-outputs/gpu_smoke}
 STEPS=${STEPS:-40}
 DEVICE=${DEVICE:-cuda}
-STRATEGIES=${STRATEGIES:-ddp fsdp deepspeed_zero2 deepspeed_zero3}
+STRATEGIES=${STRATEGIES:-ddp fsdp2 deepspeed_zero2 deepspeed_zero3}
 mkdir -p "$OUT"
 "$BIN/ldm-data" demo "$OUT/shards" --num-samples 256 --size 64 >/dev/null
 
