@@ -17,8 +17,8 @@ from torch.distributed.tensor import DTensor
 from train.config.compose import compose
 from train.distributed.fsdp2 import FSDP2Strategy, reshard
 from train.errors import ConfigError
-from train.models.backbones.base import model_class
 from train.models.conditioning import Conditioning
+from train.models.unwrap import model_class
 
 
 @pytest.fixture

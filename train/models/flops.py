@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from lightning.fabric.utilities.throughput import measure_flops
 
-from train.models.backbones.base import model_class
 from train.models.conditioning import Conditioning
+from train.models.unwrap import model_class
 
 
 def train_flops(backbone: Any, batch_size: int, latent: tuple[int, ...], cond: Conditioning) -> int:

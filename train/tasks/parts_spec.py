@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from train.models.backbones.base import model_class
+from train.models.unwrap import model_class
 
 FORMAT = 1
 

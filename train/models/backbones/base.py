@@ -16,6 +16,7 @@ from torch import nn
 from train.errors import ConfigError
 from train.models import adapters
 from train.models.conditioning import Conditioning
+from train.models.unwrap import model_class
 from train.objectives.base import Noised, weighted_mse
 
 
@@ -162,14 +163,3 @@ class Backbone(nn.Module):
                              f"unexpected {unexpected[:3]}")  # fmt: skip
         model.load_state_dict(state, strict=False)
         return model
-
-
-def model_class(model: nn.Module) -> type[nn.Module]:
-    """The model's own class: FSDP2's ``fully_shard`` swaps in a subclass ``FSDP<Name>`` that
-    a plain copy, a FLOP count or an export must not take."""
-    from torch.distributed.fsdp import FSDPModule
-
-    cls = type(model)
-    if issubclass(cls, FSDPModule):
-        return next(b for b in cls.__bases__ if not issubclass(b, FSDPModule))
-    return cls
