@@ -38,7 +38,7 @@ def sharded_tiny(mesh, **options) -> torch.nn.Module:
     torch.manual_seed(0)
     module = instantiate(compose(["experiment=tiny"]).model)
     strategy = FSDP2Strategy(**options)
-    strategy._device_mesh = mesh
+    strategy._device_mesh, strategy.parallel_devices = mesh, [torch.device("cpu")]
     return strategy._setup_model(module)
 
 

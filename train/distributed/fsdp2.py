@@ -18,10 +18,11 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.strategies.strategy import Strategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from train.distributed.strategies import unit_filter
 from train.errors import ConfigError
-from train.models.backbones.base import model_class
+from train.models.unwrap import model_class
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -78,9 +79,16 @@ class FSDP2Strategy(ModelParallelStrategy):
 
     def setup(self, trainer) -> None:
         # ModelParallelStrategy.setup refuses a LightningModule without configure_model; the
-        # base Strategy.setup moves the module to its device and calls `_setup_model`, which
-        # shards it here, before the optimizers are built over the sharded parameters.
+        # base Strategy.setup calls `_setup_model`, which shards it here, before the optimizers
+        # are built over the sharded parameters.
         Strategy.setup(self, trainer)
+
+    def model_to_device(self) -> None:
+        # Strategy.setup moves the module before `_setup_model`; fully_shard moves each unit to
+        # the mesh's device as it shards it instead (one unit's whole weights there at a time,
+        # so a model larger than one device fits), and `_setup_model` moves the rest after.
+        if any(isinstance(m, FSDPModule) for m in self.model.modules()):
+            self.model.to(self.root_device)
 
     def _setup_model(self, model: nn.Module) -> nn.Module:
         trainable = getattr(model, "trainable", None)
@@ -97,6 +105,7 @@ class FSDP2Strategy(ModelParallelStrategy):
                    "mp_policy": policy}  # fmt: skip
         units = shard_blocks(trainable, unit_filter(backbone.wrap_units(), trainable), options)
         check_all_trained_sharded(model)
+        model.to(self.root_device)  # what no unit holds (buffers, frozen modules)
         dims = zip(self.device_mesh.mesh_dim_names, self.device_mesh.shape, strict=True)
         layout = " x ".join(f"{name} {size}" for name, size in dims)
         rank_zero_info(f"FSDP2: {units} units of {model_class(trainable).__name__} over {layout}")
@@ -180,8 +189,6 @@ def check_all_trained_sharded(model: nn.Module) -> None:
 
 def reshard(model: nn.Module) -> None:
     """Every FSDP2 unit back to its shards (a no-op for those already sharded)."""
-    from torch.distributed.fsdp import FSDPModule
-
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()
