@@ -1,17 +1,20 @@
-"""Checkpointing and logging as a share of a real training run's wall time.
+"""Checkpointing, logging and each callback as a share of a real training run's wall time.
 
-    python benchmarks/checkpoint_overhead.py [--steps 300] [--every 100] [overrides ...]
+    python benchmarks/run_overhead.py [--steps 300] [--every 100] [overrides ...]
 
 One `ldm-train` run (`train.cli.run.run`) of the demo experiment on generated shapes shards,
 with every callback and the MLflow logger of the default config (a local store), a random-init
 VAE of the stage-1 architecture, checkpoints every `--every` steps (plus `last.ckpt`) and
-metrics every `trainer.log_every_n_steps`. A callback wraps `Trainer.save_checkpoint` and the
-loggers' write methods with timers, so their cost is measured where training waits for it, not
-estimated from two runs (this machine's run-to-run noise, several %, would hide a 2 % goal).
+metrics every `trainer.log_every_n_steps`. A callback wraps `Trainer.save_checkpoint`, the
+loggers' write methods and every other callback's per-step hooks with timers, so each cost is
+measured where training waits for it, not estimated from runs with and without it (this
+machine's run-to-run noise, several %, hides a callback's ~1 %, and a 2 % goal).
 
 Prints the time in each, as a share of the training loop (first to last batch) and of the whole
-fit (also the end-of-run previews and export), and writes
-benchmarks/results/checkpoint_overhead.json. Trailing arguments are config overrides.
+fit (also the end-of-run previews and export), and writes benchmarks/results/run_overhead.json.
+A callback's time includes the checkpoint writes and logger calls it makes (ModelCheckpoint's,
+LearningRateMonitor's), so the rows overlap; "checkpoint + logging" counts each call once.
+Trailing arguments are config overrides (e.g. an MLflow server's URI, to time the spool).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from machine import cpu_model  # benchmarks/ is the script's folder, on sys.path
 
 RESULTS = Path(__file__).parent / "results"
 LOGGER_METHODS = ("log_metrics", "log_hyperparams", "save", "after_save_checkpoint", "finalize")
+STEP_HOOKS = ("on_train_batch_start", "on_train_batch_end", "on_before_backward",
+              "on_after_backward", "on_before_optimizer_step", "on_before_zero_grad")  # fmt: skip
 
 
 class Stopwatch(L.Callback):
@@ -52,12 +57,20 @@ class Stopwatch(L.Callback):
         return wrapper
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        # Instance attributes shadow the methods that ModelCheckpoint and Lightning's logger
-        # connector call, so every call on the training path is timed.
+        # Instance attributes shadow the methods that ModelCheckpoint, Lightning's logger
+        # connector and its callback hooks call, so every call on the training path is timed.
         trainer.save_checkpoint = self._timed("checkpoint", trainer.save_checkpoint)
         for logger in trainer.loggers:
             for name in LOGGER_METHODS:
                 setattr(logger, name, self._timed("logging", getattr(logger, name)))
+        for callback in (c for c in trainer.callbacks if c is not self):
+            kind = f"callback {type(callback).__name__}"
+            for hook in STEP_HOOKS:
+                if getattr(type(callback), hook) is getattr(L.Callback, hook):
+                    continue  # not overridden: Lightning's no-op
+                self.spent.setdefault(kind, 0.0)
+                self.calls.setdefault(kind, 0)
+                setattr(callback, hook, self._timed(kind, getattr(callback, hook)))
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self.marks["fit_start"] = time.perf_counter()
@@ -109,16 +122,17 @@ def report(watch: dict, args: argparse.Namespace) -> None:
               "overrides": args.overrides, "loop_s": loop, "fit_s": fit}  # fmt: skip
     print(f"CPU: {result['cpu']}; {args.steps} steps, a checkpoint every {args.every}")
     print(f"training loop {loop:.1f} s, whole fit {fit:.1f} s")
-    for kind, spent in spent_by.items():
+    steps = args.steps
+    for kind, spent in sorted(spent_by.items(), key=lambda kv: -kv[1]):
         share_loop, share_fit = spent / loop, spent / fit
-        result[kind] = {"s": spent, "calls": calls[kind], "share_of_loop": share_loop,
-                        "share_of_fit": share_fit}  # fmt: skip
-        print(f"{kind:10s} {spent:6.2f} s in {calls[kind]:4d} calls: "
-              f"{share_loop:.2%} of the loop, {share_fit:.2%} of the fit")  # fmt: skip
-    both = sum(spent_by.values())
-    print(f"together   {both:6.2f} s: {both / loop:.2%} of the loop (goal <= 2 %)")
+        result[kind] = {"s": spent, "calls": calls[kind], "ms_per_step": 1e3 * spent / steps,
+                        "share_of_loop": share_loop, "share_of_fit": share_fit}  # fmt: skip
+        print(f"{kind:42s} {spent:6.2f} s in {calls[kind]:5d} calls, "
+              f"{1e3 * spent / steps:6.2f} ms/step: {share_loop:6.2%} of the loop")  # fmt: skip
+    both = spent_by["checkpoint"] + spent_by["logging"]
+    print(f"checkpoint + logging: {both:.2f} s, {both / loop:.2%} of the loop (goal <= 2 %)")
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "checkpoint_overhead.json").write_text(json.dumps(result, indent=2))
+    (RESULTS / "run_overhead.json").write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from hydra.utils import instantiate
 
-from train.callbacks.speed import compile_blocks, to_channels_last
+from train.callbacks.speed import attention_report, compile_blocks, to_channels_last
 from train.config.compose import compose
 from train.models.conditioning import Conditioning
 
@@ -55,6 +55,21 @@ def test_a_switch_keeps_outputs_gradients_and_names(switch: str) -> None:
     assert loss == pytest.approx(ref_loss, rel=1e-5)
     for name, ref in ref_grads.items():
         torch.testing.assert_close(grads[name], ref, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_attention_report_names_processors_and_the_sdpa_kernel() -> None:
+    from diffusers.models.attention_processor import AttnProcessor
+
+    model = tiny_backbone().model
+    report = attention_report(model, torch.device("cpu"), torch.bfloat16)
+    # The tiny UNet: 4 Transformer2DModel blocks, each with self- and cross-attention.
+    kernels = ("flash_attention", "efficient_attention", "cudnn_attention", "math", "overrideable")
+    assert report.startswith("attention: 8 x AttnProcessor2_0; SDPA kernel for 8 heads of 4 in "
+                             "bfloat16 on cpu: "), report  # fmt: skip
+    assert report.rsplit(": ", 1)[1] in kernels, report
+    model.set_attn_processor(AttnProcessor())  # diffusers' classic processor: no SDPA
+    assert attention_report(model, torch.device("cpu"), torch.float32).startswith(
+        "attention: 8 x AttnProcessor; ")
 
 
 def loss_history(root: Path) -> list[float]:

@@ -5,7 +5,9 @@ place: each block's forward is compiled with `nn.Module.compile` (as torchtitan 
 transformer blocks), so parameter names, FSDP units, checkpoints, EMA and exports see the same
 modules as without it, and compile time grows with the number of distinct block shapes, not
 with the whole graph. channels_last (NHWC) is the layout cuDNN's and oneDNN's fastest
-convolutions read; it changes strides, not values or state-dict keys.
+convolutions read; it changes strides, not values or state-dict keys. Whatever the switches,
+the run logs which attention its model runs (`attention_report`): diffusers' processors and
+the kernel PyTorch's SDPA picks for the model's head size and the training dtype.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -41,6 +44,8 @@ class SpeedSwitches(L.Callback):
         backbone = getattr(pl_module, "backbone", None)
         if stage != "fit" or backbone is None:
             return
+        dtype = compute_dtype(str(trainer.precision))
+        rank_zero_info(attention_report(backbone.model, trainer.strategy.root_device, dtype))
         if self.channels_last:
             to_channels_last(backbone.model)
         if self.compile_blocks:
@@ -78,3 +83,39 @@ def compile_blocks(model: nn.Module, units: set[type[nn.Module]], options: dict[
 
 def _contains(outer: nn.Module, inner: nn.Module) -> bool:
     return any(m is inner for m in outer.modules())
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    """The dtype attention computes in under a Trainer ``precision`` setting."""
+    if precision.startswith("bf16"):
+        return torch.bfloat16
+    return torch.float16 if precision.startswith("16") else torch.float32
+
+
+def attention_report(model: nn.Module, device: torch.device, dtype: torch.dtype) -> str:
+    """Which attention the model runs: diffusers' processors by class and, for its first
+    attention layer's head size, the kernel `F.scaled_dot_product_attention` picks on this
+    device and dtype (flash, memory-efficient, cuDNN or math)."""
+    from diffusers.models.attention_processor import Attention
+
+    procs = getattr(model, "attn_processors", {}) or {}
+    counts: dict[str, int] = {}
+    for proc in procs.values():
+        counts[type(proc).__name__] = counts.get(type(proc).__name__, 0) + 1
+    names = ", ".join(f"{c} x {n}" for n, c in sorted(counts.items())) or "no diffusers processors"
+    first = next((m for m in model.modules() if isinstance(m, Attention)), None)
+    if first is None:
+        return f"attention: {names}"
+    head_dim = first.inner_dim // first.heads
+    return (f"attention: {names}; SDPA kernel for {first.heads} heads of {head_dim} in "
+            f"{str(dtype).removeprefix('torch.')} on {device.type}: "
+            f"{sdpa_kernel_name(first.heads, head_dim, device, dtype)}")  # fmt: skip
+
+
+def sdpa_kernel_name(heads: int, head_dim: int, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend torch's SDPA dispatch picks for such inputs (no mask, no dropout)."""
+    from torch.nn.attention import SDPBackend
+
+    q = torch.zeros(1, heads, 64, head_dim, device=device, dtype=dtype)
+    # torch's own dispatch decision; no public API names the kernel it will run.
+    return SDPBackend(torch._fused_sdp_choice(q, q, q)).name.lower()
