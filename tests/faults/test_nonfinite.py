@@ -70,3 +70,19 @@ def test_no_checkpoint_or_export_from_nan_weights(train, tmp_path: Path) -> None
     assert last["global_step"] == 1
     assert not math.isnan(float(next(iter(last["state_dict"].values())).view(-1)[0]))
     assert not (tmp_path / "runs" / "tiny" / "export").exists()
+
+
+@pytest.mark.parametrize(
+    ("bad", "finite"),
+    [(None, True), (math.nan, False), (math.inf, False), (-math.inf, False), (3e38, True)],
+)
+def test_the_fused_gradient_check_finds_any_non_finite_value(bad, finite) -> None:
+    """One reduction over all gradients: a single NaN or Inf anywhere is found, and large
+    finite values (whose squares would overflow a 2-norm) are not taken for Inf."""
+    from train.callbacks.guards import grads_finite
+
+    grads = [torch.ones(4, 3), torch.zeros(7), torch.full((2, 2), 0.5)]
+    if bad is not None:
+        grads[1][5] = bad
+    assert grads_finite(grads) is finite
+    assert grads_finite([]) is True

@@ -3,6 +3,8 @@ a checkpoint or an export from non-finite weights."""
 
 from __future__ import annotations
 
+import math
+
 import lightning as L
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
@@ -42,8 +44,7 @@ class NonFiniteGuard(L.Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-        local = all(bool(torch.isfinite(g).all()) for g in grads)
-        if trainer.strategy.reduce_boolean_decision(local, all=True):
+        if trainer.strategy.reduce_boolean_decision(grads_finite(grads), all=True):
             return
         for group in optimizer.param_groups:
             for p in group["params"]:
@@ -72,3 +73,16 @@ class NonFiniteGuard(L.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.skipped = int(state_dict.get("skipped", 0))
+
+
+def grads_finite(grads: list[torch.Tensor]) -> bool:
+    """Whether every gradient is finite, in one fused reduction and one host sync: the largest
+    absolute value over all of them (NaN propagates through the max, and unlike a 2-norm it
+    cannot overflow). A check per tensor costs a sync each: 6.4 ms a step over the demo UNet's
+    259 tensors on CPU (benchmarks/run_overhead.py), more on GPUs."""
+    from torch.distributed.tensor import DTensor
+
+    if not grads:
+        return True
+    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]  # FSDP2: own slice
+    return bool(torch.isfinite(torch.nn.utils.get_total_norm(local, norm_type=math.inf)))
