@@ -81,7 +81,7 @@ def test_the_fused_gradient_check_finds_any_non_finite_value(bad, finite) -> Non
     finite values (whose squares would overflow a 2-norm) are not taken for Inf."""
     from train.callbacks.guards import grads_finite
 
-    grads = [torch.ones(4, 3), torch.zeros(7), torch.full((2, 2), 0.5)]
+    grads = [torch.ones(4, 3), torch.zeros(7), torch.full((2, 2), 0.5, dtype=torch.bfloat16)]
     if bad is not None:
         grads[1][5] = bad
     assert grads_finite(grads) is finite
