@@ -1,6 +1,6 @@
 """ControlNet and inpainting runs under two CPU processes (gloo), on the sharding strategies:
-FSDP and ZeRO-3 shard the trained model (the ControlNet; the widened UNet) while the frozen base
-stays whole outside the module tree. The exported model equals the one one process trains on
+FSDP, FSDP2 and ZeRO-3 shard the trained model (the ControlNet; the widened UNet) while the
+frozen base stays whole outside it. The exported model equals the one one process trains on
 the same global batch (1e-6): gathered whole, never one rank's shard."""
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("mode", "strategy"),
-                         [("controlnet", "fsdp"), ("inpaint", "deepspeed_zero3")])  # fmt: skip
+                         [("controlnet", "fsdp"), ("controlnet", "fsdp2"),
+                          ("inpaint", "deepspeed_zero3")])  # fmt: skip
 def test_two_sharded_processes_export_what_one_process_trains(
     mode, strategy, tiny_run, demo_shards, tmp_path
 ) -> None:
