@@ -17,7 +17,13 @@ from lightning.pytorch.utilities import grad_norm
 from train.callbacks.ema import EMA
 from train.callbacks.guards import TrainingDiverged, weights_finite
 from train.callbacks.preemption import preempted
-from train.distributed.sharding import full_state_dict, is_fsdp, is_fsdp2, is_sharded
+from train.distributed.sharding import (
+    full_state_dict,
+    is_fsdp,
+    is_fsdp2,
+    is_sharded,
+    local_parts,
+)
 from train.errors import ConfigError
 from train.tasks import pipelines
 from train.tasks.clips import Clips
@@ -67,11 +73,8 @@ class GradNormMonitor(L.Callback):
 def sharded_grad_norm(pl_module: L.LightningModule, group=None) -> torch.Tensor:
     """L2 norm of gradients split into disjoint slices over the ranks of ``group`` (FSDP: all
     ranks; FSDP2: its shard group, as HSDP's replicas hold equal slices)."""
-    from torch.distributed.tensor import DTensor
-
-    grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
-    squares = [g.detach().float().pow(2).sum() for g in local]
+    grads = local_parts([p.grad for p in pl_module.parameters() if p.grad is not None])
+    squares = [g.detach().float().pow(2).sum() for g in grads]
     total = torch.stack(squares).sum() if squares else torch.zeros((), device=pl_module.device)
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(total, group=group)

@@ -13,6 +13,7 @@ the kernel PyTorch's SDPA picks for the model's head size and the training dtype
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from typing import Any
 
 import lightning as L
@@ -99,9 +100,7 @@ def attention_report(model: nn.Module, device: torch.device, dtype: torch.dtype)
     from diffusers.models.attention_processor import Attention
 
     procs = getattr(model, "attn_processors", {}) or {}
-    counts: dict[str, int] = {}
-    for proc in procs.values():
-        counts[type(proc).__name__] = counts.get(type(proc).__name__, 0) + 1
+    counts = Counter(type(proc).__name__ for proc in procs.values())
     names = ", ".join(f"{c} x {n}" for n, c in sorted(counts.items())) or "no diffusers processors"
     first = next((m for m in model.modules() if isinstance(m, Attention)), None)
     if first is None:

@@ -48,9 +48,15 @@ def local_tensors(strategy: object, params: list[torch.nn.Parameter]) -> list[to
     """
     if is_zero3(strategy):
         return [p.ds_tensor for p in params]
-    if is_fsdp2(strategy):
-        return [p.data.to_local() for p in params]
-    return [p.data for p in params]
+    return local_parts([p.data for p in params])
+
+
+def local_parts(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each tensor's part on this rank: a DTensor's local slice (a view; FSDP2's parameters
+    and gradients), any other tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
 
 
 def clean_name(name: str) -> str:
